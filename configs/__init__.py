@@ -1,0 +1,1 @@
+"""Configs shipped with llama_mimi_tt (installed as the package ``llama_mimi_tt.configs``)."""

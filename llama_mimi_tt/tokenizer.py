@@ -1,0 +1,221 @@
+"""Llama 3 text tokenizer plus the Mimi audio vocabulary, as a torchtune tokenizer component.
+
+Text goes through torchtune's own tokenizers (``Llama3Tokenizer`` for Meta's tiktoken
+``tokenizer.model``, ``HuggingFaceBaseTokenizer`` for ``tokenizer.json``); audio codes become ids
+by array arithmetic (``MimiVocab``). Sequences are built exactly as the released models were
+trained (DESIGN.md, contract 1):
+
+    a2a: <|begin_of_text|> <audio> f1q0 .. f1q(Q-1) f2q0 .. </audio>
+    tts: <|begin_of_text|> text tokens <audio> frames .. </audio>
+"""
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Tuple
+
+import torch
+from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS, Llama3Tokenizer
+from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+
+from llama_mimi_tt.vocab import MimiVocab
+
+BUILTIN_BYTE_TOKENIZER = "builtin:byte"
+_LLAMA3_FIRST_SPECIAL_ID = 128000
+
+
+def byte_tokenizer_path() -> str:
+    """A byte-level tiktoken file shipped with the package (256 ranks, no merges).
+
+    With Llama 3's 256 special tokens placed after it, its text vocabulary is 512 ids: the tiny
+    demo model uses it so that the embedding stays small. Never used for real models."""
+    return str(resources.files("llama_mimi_tt") / "assets" / "byte_bpe.tiktoken")
+
+
+def _special_tokens_after(num_ranks: int) -> dict:
+    """Llama 3's special tokens shifted so that they follow ``num_ranks`` BPE ranks (the real
+    file has 128000 ranks, which gives Llama 3's own ids)."""
+    return {
+        name: num_ranks + (i - _LLAMA3_FIRST_SPECIAL_ID) for name, i in LLAMA3_SPECIAL_TOKENS.items()
+    }
+
+
+class LlamaMimiTokenizer:
+    """Text tokenizer (torchtune) + Mimi audio ids (``MimiVocab``).
+
+    Args:
+        path (str): Meta's ``tokenizer.model`` (tiktoken), a ``tokenizer.json``, a checkpoint
+            directory holding either (``original/tokenizer.model`` is looked for too), or
+            ``builtin:byte`` for the tiny byte-level tokenizer of the demo and tests.
+        num_quantizers (int): Q, Mimi levels per frame.
+        text_vocab_size (Optional[int]): T. Derived from the tokenizer file when not given;
+            when given it must agree with the file.
+        max_seq_len (Optional[int]): sequences are cut to this many tokens on frame boundaries.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        num_quantizers: int = 4,
+        text_vocab_size: Optional[int] = None,
+        max_seq_len: Optional[int] = None,
+    ):
+        self.path = path
+        self.max_seq_len = max_seq_len
+        file = self._find_file(path)
+        if file.suffix == ".json":
+            self.text = self._load_hf(file)
+            t = self._hf_text_vocab_size(self.text.tokenizer)
+            self.pad_id = self.text.tokenizer.token_to_id("<|finetune_right_pad_id|>")
+            if self.pad_id is None:
+                self.pad_id = self.text.eos_id
+        else:
+            from tiktoken.load import load_tiktoken_bpe
+
+            num_ranks = len(load_tiktoken_bpe(str(file)))
+            self.text = Llama3Tokenizer(str(file), special_tokens=_special_tokens_after(num_ranks))
+            t = num_ranks + 256
+            self.pad_id = self.text.pad_id
+        if text_vocab_size is not None and text_vocab_size != t:
+            raise ValueError(
+                f"text_vocab_size={text_vocab_size} in the config, but the tokenizer {file} has "
+                f"{t} text ids. Set text_vocab_size to {t} (or leave it out)."
+            )
+        self.vocab = MimiVocab(text_vocab_size=t, num_quantizers=num_quantizers)
+        self.bos_id = self.text.bos_id
+        self.eos_id = self.text.eos_id
+        self.special_tokens = getattr(self.text, "special_tokens", {})
+
+    # ---- loading ------------------------------------------------------------------------
+    @staticmethod
+    def _find_file(path: str) -> Path:
+        if path == BUILTIN_BYTE_TOKENIZER:
+            return Path(byte_tokenizer_path())
+        p = Path(path)
+        if p.is_dir():
+            for name in ("original/tokenizer.model", "tokenizer.model", "tokenizer.json"):
+                if (p / name).is_file():
+                    return p / name
+            raise FileNotFoundError(
+                f"no tokenizer in {p}: expected original/tokenizer.model, tokenizer.model or "
+                "tokenizer.json (they come with the Llama 3 checkpoint on the Hugging Face hub)"
+            )
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"tokenizer file {p} does not exist. Give Meta's tokenizer.model, a "
+                "tokenizer.json, the checkpoint directory, or builtin:byte for the tiny demo."
+            )
+        return p
+
+    @staticmethod
+    def _load_hf(file: Path) -> HuggingFaceBaseTokenizer:
+        d = file.parent
+        cfg = d / "tokenizer_config.json"
+        gen = d / "generation_config.json"
+        if not cfg.is_file() and not gen.is_file():
+            raise FileNotFoundError(
+                f"{file} needs tokenizer_config.json or generation_config.json beside it "
+                "(to know the BOS and EOS tokens)"
+            )
+        return HuggingFaceBaseTokenizer(
+            str(file),
+            tokenizer_config_json_path=str(cfg) if cfg.is_file() else None,
+            generation_config_path=str(gen) if gen.is_file() else None,
+        )
+
+    @staticmethod
+    def _hf_text_vocab_size(tok) -> int:
+        """T of a tokenizer.json: its size, less the audio tokens if it already has them (a
+        released Llama-Mimi tokenizer), checked to sit where our layout puts them."""
+        first_audio = tok.token_to_id("<0_0>")
+        if first_audio is None:
+            return tok.get_vocab_size(with_added_tokens=True)
+        return first_audio
+
+    # ---- text ---------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> List[int]:
+        return self.text.encode(text, add_bos=add_bos, add_eos=add_eos)
+
+    def decode(self, ids: List[int]) -> str:
+        """Text of the text ids in ``ids`` (audio ids and markers are left out)."""
+        ids = [int(i) for i in ids if int(i) < self.vocab.text_vocab_size]
+        return self.text.decode(ids)
+
+    # ---- sequences ----------------------------------------------------------------------
+    def audio_ids(self, codes) -> torch.Tensor:
+        """``<audio> frames </audio>`` for codes ``[Q, F]``."""
+        v = self.vocab
+        body = v.encode(torch.as_tensor(codes))
+        return torch.cat(
+            [torch.tensor([v.audio_start_id]), body, torch.tensor([v.audio_end_id])]
+        )
+
+    def tokenize(self, codes, text: Optional[str] = None) -> Tuple[List[int], int]:
+        """The a2a (``text is None``) or tts sequence of one utterance.
+
+        Returns ``(ids, audio_start)`` where ``ids[audio_start]`` is ``<audio>``. With
+        ``max_seq_len`` set, the audio is cut on a frame boundary so the sequence fits (the
+        closing ``</audio>`` is then left out, as the utterance continues).
+        """
+        codes = torch.as_tensor(codes)
+        q, n_frames = codes.shape
+        if q < self.vocab.num_quantizers:
+            raise ValueError(
+                f"codes have {q} levels but the tokenizer is set up for num_quantizers="
+                f"{self.vocab.num_quantizers}"
+            )
+        codes = codes[: self.vocab.num_quantizers]
+        head = [self.bos_id]
+        if text is not None:
+            if not text.strip():
+                raise ValueError("empty text for a tts sequence")
+            head += self.encode(text, add_bos=False, add_eos=False)
+        audio_start = len(head)
+        ids = head + self.audio_ids(codes).tolist()
+        if self.max_seq_len is not None and len(ids) > self.max_seq_len:
+            room = self.max_seq_len - audio_start - 1
+            frames = room // self.vocab.num_quantizers
+            if frames < 1:
+                raise ValueError(
+                    f"max_seq_len={self.max_seq_len} leaves no room for one frame of "
+                    f"{self.vocab.num_quantizers} tokens after {audio_start} text tokens"
+                )
+            ids = ids[: audio_start + 1 + frames * self.vocab.num_quantizers]
+        return ids, audio_start
+
+    def split(self, ids) -> Tuple[str, List[torch.Tensor]]:
+        """A generated sequence back to ``(text, [codes [Q, F] of each audio span])``."""
+        text_ids, audio = self.vocab.split(ids)
+        return self.decode(text_ids), audio
+
+    # ---- torchtune Transform: sample dict -> tokens and labels --------------------------
+    def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
+        """``{"codes": [Q, F], "text": optional}`` -> adds ``tokens`` and ``mask`` (True where
+        no loss belongs: BOS and the text prompt)."""
+        ids, audio_start = self.tokenize(sample["codes"], sample.get("text"))
+        sample = dict(sample)
+        sample["tokens"] = ids
+        sample["mask"] = [True] * audio_start + [False] * (len(ids) - audio_start)
+        return sample
+
+    def tokenize_messages(self, messages, **kwargs):
+        raise NotImplementedError(
+            "Llama-Mimi sequences are audio (and optional text), not chat messages: use "
+            "llama_mimi_tt.audio_token_dataset"
+        )
+
+
+def llama_mimi_tokenizer(
+    path: str,
+    num_quantizers: int = 4,
+    text_vocab_size: Optional[int] = None,
+    max_seq_len: Optional[int] = None,
+) -> LlamaMimiTokenizer:
+    """Builder for YAML configs (``_component_: llama_mimi_tt.llama_mimi_tokenizer``)."""
+    return LlamaMimiTokenizer(
+        path=os.path.expanduser(path) if path != BUILTIN_BYTE_TOKENIZER else path,
+        num_quantizers=num_quantizers,
+        text_vocab_size=text_vocab_size,
+        max_seq_len=max_seq_len,
+    )
+

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.11) and installs llama-mimi-tt with its test extra, once.
+# Sourced by demo.sh and test.sh; safe to run again (pip skips what is already there).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.llama_mimi_tt_installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[setup] installing llama-mimi-tt and its dependencies into .venv (torch is a large download the first time)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi
