@@ -113,16 +113,19 @@ class MimiVocab:
                 f"codes must have shape [..., Q={self.num_quantizers}, frames], got {tuple(t.shape)}"
             )
         t = t.long()
-        bad = (t < 0) | (t >= self.codebook_size)
-        if bad.any():
-            pos = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(
-                f"code {int(t[pos])} at index {pos} is outside the codebook range "
-                f"0..{self.codebook_size - 1}"
-            )
-        levels = torch.arange(self.num_quantizers, dtype=torch.long, device=t.device)
-        ids = self.audio_offset + t.transpose(-1, -2) * self.num_quantizers + levels
-        ids = ids.flatten(-2)
+        if t.numel():
+            lo, hi = torch.aminmax(t)  # one pass; find the position only on failure
+            if lo < 0 or hi >= self.codebook_size:
+                bad = (t < 0) | (t >= self.codebook_size)
+                pos = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"code {int(t[pos])} at index {pos} is outside the codebook range "
+                    f"0..{self.codebook_size - 1}"
+                )
+        first_ids = torch.arange(
+            self.audio_offset, self.audio_offset + self.num_quantizers, device=t.device
+        )
+        ids = (t.transpose(-1, -2) * self.num_quantizers + first_ids).flatten(-2)
         return ids.numpy() if was_numpy else ids
 
     def decode(self, ids):
