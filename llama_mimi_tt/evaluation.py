@@ -1,0 +1,870 @@
+"""Likelihood benchmarks for Llama-Mimi: SALMon, sWUGGY, sBLIMP, spoken and topic StoryCloze.
+
+Every benchmark here is a list of pairs (positive audio, negative audio). The model scores both
+and gets the pair right when the positive scores higher. One recipe runs them all
+(``tune run llama_mimi_eval --config eval``); the pieces are plain functions:
+
+    pairs = read_suite("salmon", "/data/salmon")                  # published layout -> pairs
+    codes = encode_audio_files(paths, codec, cache_file=...)      # each file through Mimi once
+    records = score_pairs(model, tokenizer, pairs, codes, mode="mean")
+    summary = summarize(records); print(format_table(summary))
+
+**Score.** A sequence is built as the model was trained, ``<|begin_of_text|> <audio> frames
+</audio>``, and scored by the log-likelihood of its audio tokens, each predicted from everything
+before it. ``mode`` chooses how the per-token log-probabilities become one number:
+
+- ``"mean"``: mean over the audio code tokens (every level). The reference's choice: the
+  llm-jp/llama-mimi SALMon script compares HF ``model(...).loss``, a token mean.
+- ``"sum"``: their sum, the sequence log-probability. It favours the shorter sample of a pair
+  when lengths differ; the mean does not.
+- ``"semantic"``: mean over the level-0 (semantic, WavLM-distilled) tokens only. The reference's
+  sWUGGY, sBLIMP and StoryCloze scripts do this (labels at positions ``2::Q``).
+
+``include_markers=True`` also scores the ``<audio>`` and ``</audio>`` predictions, exactly as the
+reference does (its labels are the whole sequence): in ``"semantic"`` mode that adds ``</audio>``
+only, which is where the reference's ``2::Q`` stride lands. The shipped configs set each suite to
+the reference's choice, so numbers are comparable with the paper's.
+
+**Ties.** A pair whose two scores are equal (``|pos - neg| <= tie_tolerance``, exact equality by
+default) counts 0.5, as in the official SALMon and ZeroSpeech 2021 scorers; the number of ties is
+reported beside the accuracy, and so is ``accuracy_ties_as_wrong`` (ties count 0), which is what
+the llm-jp/llama-mimi scripts compute (``neg_loss > pos_loss``). Identical token sequences are
+scored once, so identical audio always ties exactly, however it is batched.
+
+**Batching.** Sequences are sorted by length (longest first, to fail early on memory and to
+limit padding), right-padded and scored ``batch_size`` at a time. Causal attention means the
+padding never influences a real token, and padded positions are never scored. The output
+projection is applied only at the scored positions, in chunks, so the full ``[batch, length,
+vocab]`` logits tensor (136k columns for Llama 3) is never built.
+
+Layouts read (checked against the benchmarks' own readers; see each ``read_*``):
+
+- SALMon (slp-rl/salmon ``salmon.py``, ``data_generation/*.py``):
+  ``<root>/<subset>/sample_<index>_<option>.wav``, option 0 = positive, 1 = negative.
+- sWUGGY / sBLIMP (ZeroSpeech 2021 sLM21, zerospeech/zerospeech2021 ``lexical.py``,
+  ``syntactic.py``, ``cli/evaluate.py``): ``<root>/lexical/<split>/<file>.wav`` and
+  ``<root>/lexical/<split>/gold.csv`` (``syntactic`` for sBLIMP); gold rows sharing ``id`` and
+  ``voice`` form a pair, ``correct`` = 1 marks the positive.
+- Spoken / topic StoryCloze (slp-rl/SpokenStoryCloze zips ``sSC`` and ``tSC``):
+  ``<root>/<n>_<story id>_correct.wav`` with its negative ``<n+1>_<story id>_incorrect.wav``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torchtune import utils
+from tqdm import tqdm
+
+from llama_mimi_tt.vocab import MimiVocab
+
+log = utils.get_logger("INFO")
+
+SCORE_MODES = ("mean", "sum", "semantic")
+MIMI_FRAME_RATE = 12.5
+
+__all__ = [
+    "SCORE_MODES",
+    "SUITES",
+    "LayoutError",
+    "Pair",
+    "SuiteSpec",
+    "encode_audio_files",
+    "format_table",
+    "pair_outcome",
+    "read_salmon",
+    "read_sblimp",
+    "read_storycloze",
+    "read_suite",
+    "read_swuggy",
+    "score_pairs",
+    "score_sequences",
+    "scored_positions",
+    "summarize",
+]
+
+
+# =============================================================================================
+# Scoring
+# =============================================================================================
+def scored_positions(
+    span: Tuple[int, int],
+    length: int,
+    num_quantizers: int,
+    mode: str = "mean",
+    include_markers: bool = False,
+) -> torch.Tensor:
+    """Positions ``t`` whose token is scored (predicted from tokens ``0..t-1``).
+
+    Args:
+        span: ``(start, end)``: ``ids[start:end]`` are the audio codes, ``ids[start - 1]`` is
+            ``<audio>`` and ``ids[end]`` (when ``end < length``) is ``</audio>``.
+        length: the sequence length.
+        num_quantizers: Q.
+        mode: ``"mean"``, ``"sum"`` (every level) or ``"semantic"`` (level 0 only).
+        include_markers: also score ``<audio>`` and ``</audio>`` (``</audio>`` only in
+            ``"semantic"`` mode, matching the reference's ``2::Q`` label stride).
+
+    Returns:
+        int64 tensor of positions, ascending, all ``>= 1``.
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"mode must be one of {SCORE_MODES}, got {mode!r}")
+    start, end = int(span[0]), int(span[1])
+    if not 1 <= start <= end <= length:
+        raise ValueError(
+            f"audio span {span} does not fit a sequence of {length} tokens (need "
+            "1 <= start <= end <= length; ids[start - 1] is <audio>)"
+        )
+    if (end - start) % num_quantizers:
+        raise ValueError(
+            f"audio span {span} holds {end - start} tokens, not a whole number of frames of "
+            f"Q={num_quantizers} levels"
+        )
+    lo = start - 1 if include_markers else start
+    hi = end + 1 if include_markers and end < length else end
+    pos = torch.arange(max(lo, 1), hi)
+    if mode == "semantic":
+        pos = pos[(pos - start) % num_quantizers == 0]
+    return pos
+
+
+def _final_hidden(model: torch.nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """The normalised last hidden states of a torchtune ``TransformerDecoder`` (output projection
+    left out), or the logits of any other model: ``(tensor, is_logits)``."""
+    if all(hasattr(model, a) for a in ("tok_embeddings", "layers", "norm", "output")):
+        h = model.tok_embeddings(tokens)
+        for layer in model.layers:
+            h = layer(h)
+        return model.norm(h), False
+    out = model(tokens)
+    if isinstance(out, list):  # chunked output
+        out = torch.cat(out, dim=1)
+    return getattr(out, "logits", out), True
+
+
+def _target_logprobs(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    is_logits: bool,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_elements: Optional[int] = None,
+) -> torch.Tensor:
+    """``log p(targets | prefix)`` read at ``hidden[rows, cols]``, float32 ``[N]``.
+
+    The logits are made ``chunk_elements`` at a time (default: 4M on CPU, where cache-sized
+    chunks are fastest; 256M on GPU, about 1 GiB of float32)."""
+    sel = hidden[rows, cols]
+    if chunk_elements is None:
+        chunk_elements = 2**28 if sel.device.type == "cuda" else 2**22
+    if is_logits:
+        vocab_size = sel.shape[-1]
+    else:
+        vocab_size = getattr(model, "_llama_mimi_vocab_rows", None)
+        if vocab_size is None:
+            vocab_size = model.output(sel[:1]).shape[-1]
+            with contextlib.suppress(AttributeError):
+                model._llama_mimi_vocab_rows = vocab_size
+    step = max(1, chunk_elements // vocab_size)
+    out = []
+    for i in range(0, sel.shape[0], step):
+        part = sel[i : i + step]
+        logits = (part if is_logits else model.output(part)).float()
+        out.append(logits.log_softmax(-1).gather(1, targets[i : i + step, None])[:, 0])
+    return torch.cat(out) if out else sel.new_zeros(0, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """``model.eval()`` and KV caches off for the duration; both restored after."""
+    was_training = model.training
+    model.eval()
+    caches = getattr(model, "caches_are_enabled", None)
+    if callable(caches) and caches():
+        from torchtune.modules.common_utils import disable_kv_cache
+
+        ctx = disable_kv_cache(model)
+    else:
+        ctx = contextlib.nullcontext()
+    try:
+        with ctx:
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_audio_ids(ids: torch.Tensor, span: Tuple[int, int], vocab: MimiVocab, i: int) -> None:
+    start, end = span
+    body = ids[start:end]
+    pos = torch.arange(len(body))
+    bad = ~vocab.is_audio(body) | (vocab.level_of(body) != pos % vocab.num_quantizers)
+    if bad.any():
+        j = int(bad.nonzero()[0])
+        raise ValueError(
+            f"sequence {i}: id {int(body[j])} at position {start + j} is not the level "
+            f"{j % vocab.num_quantizers} audio code the span {span} expects "
+            f"(audio ids are {vocab.audio_offset}..{vocab.audio_start_id - 1})"
+        )
+
+
+def score_sequences(
+    model: torch.nn.Module,
+    sequences: Sequence,
+    audio_spans: Sequence[Tuple[int, int]],
+    vocab: MimiVocab,
+    batch_size: int = 16,
+    mode: str = "mean",
+    include_markers: bool = False,
+    device: Optional[torch.device] = None,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> torch.Tensor:
+    """Log-likelihood scores of token sequences over their audio spans, many per forward pass.
+
+    Args:
+        model: a torchtune ``TransformerDecoder`` (or any model mapping ``[b, s]`` ids to
+            ``[b, s, vocab]`` logits).
+        sequences: 1-D id sequences (lists or tensors), e.g. from ``LlamaMimiTokenizer.tokenize``.
+        audio_spans: ``(start, end)`` per sequence: ``seq[start:end]`` are whole frames of audio
+            codes (``vocab.audio_spans`` gives them).
+        vocab: the ``MimiVocab`` the ids were made with.
+        batch_size: sequences per forward pass (a pair is two sequences).
+        mode: ``"mean"``, ``"sum"`` or ``"semantic"`` (see the module docstring).
+        include_markers: also score the ``<audio>`` / ``</audio>`` predictions.
+        device: where to run; the model's device by default.
+        progress: show a tqdm bar (counts sequences).
+        desc: the bar's label.
+
+    Returns:
+        float64 tensor ``[len(sequences)]`` of scores (higher = more likely), on CPU.
+    """
+    if len(sequences) != len(audio_spans):
+        raise ValueError(f"{len(sequences)} sequences but {len(audio_spans)} audio spans")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seqs = [torch.as_tensor(s, dtype=torch.long).flatten().cpu() for s in sequences]
+    if not seqs:
+        return torch.zeros(0, dtype=torch.float64)
+    positions = []
+    for i, (s, span) in enumerate(zip(seqs, audio_spans)):
+        _check_audio_ids(s, span, vocab, i)
+        pos = scored_positions(span, len(s), vocab.num_quantizers, mode, include_markers)
+        if len(pos) == 0:
+            raise ValueError(f"sequence {i} has no token to score in mode {mode!r} (span {span})")
+        positions.append(pos)
+
+    # identical sequences are scored once: their scores are then exactly equal
+    first: Dict[Tuple, int] = {}
+    owner = []
+    for i, (s, span) in enumerate(zip(seqs, audio_spans)):
+        owner.append(first.setdefault((tuple(s.tolist()), tuple(span)), i))
+    unique = sorted(set(owner), key=lambda i: (-len(seqs[i]), i))
+
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    scores = torch.full((len(seqs),), float("nan"), dtype=torch.float64)
+    pbar = tqdm(total=len(unique), desc=desc, disable=not progress, unit="seq")
+    with _eval_mode(model), torch.inference_mode():
+        for b0 in range(0, len(unique), batch_size):
+            batch = unique[b0 : b0 + batch_size]
+            width = max(len(seqs[i]) for i in batch)
+            tokens = torch.zeros(len(batch), width, dtype=torch.long)  # right padding, id 0
+            for r, i in enumerate(batch):
+                tokens[r, : len(seqs[i])] = seqs[i]
+            rows = torch.cat([torch.full((len(positions[i]),), r) for r, i in enumerate(batch)])
+            cols = torch.cat([positions[i] for i in batch])
+            targets = tokens[rows, cols]
+            hidden, is_logits = _final_hidden(model, tokens.to(device))
+            lp = _target_logprobs(
+                model, hidden, is_logits, rows.to(device), (cols - 1).to(device), targets.to(device)
+            )
+            lp = lp.double().cpu()
+            total = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, lp)
+            count = torch.bincount(rows, minlength=len(batch)).double()
+            out = total if mode == "sum" else total / count
+            scores[torch.tensor(batch)] = out
+            pbar.update(len(batch))
+    pbar.close()
+    scores = scores[torch.tensor(owner)]
+    if torch.isnan(scores).any():
+        raise FloatingPointError(
+            f"the model gave NaN log-likelihoods for {int(torch.isnan(scores).sum())} of "
+            f"{len(scores)} sequences (check the weights and dtype)"
+        )
+    return scores
+
+
+def pair_outcome(positive: float, negative: float, tie_tolerance: float = 0.0) -> float:
+    """1.0 when the positive scores higher, 0.0 when lower, 0.5 for a tie
+    (``|positive - negative| <= tie_tolerance``)."""
+    if math.isnan(positive) or math.isnan(negative):
+        raise ValueError(f"NaN score in a pair ({positive}, {negative})")
+    if abs(positive - negative) <= tie_tolerance:
+        return 0.5
+    return 1.0 if positive > negative else 0.0
+
+
+# =============================================================================================
+# Benchmark layouts
+# =============================================================================================
+class LayoutError(ValueError):
+    """A benchmark folder is missing or is not laid out as the benchmark publishes it."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One benchmark item: the model should score ``positive`` above ``negative``."""
+
+    suite: str
+    subset: str
+    pair_id: str
+    positive: str
+    negative: str
+
+
+SALMON_SUBSETS = (
+    "bg_alignment",
+    "bg_all_consistency",
+    "bg_domain_consistency",
+    "gender_consistency",
+    "rir_consistency",
+    "sentiment_alignment",
+    "sentiment_consistency",
+    "speaker_consistency",
+)
+
+SALMON_LAYOUT = (
+    "SALMon, as published (slp-rl/salmon, salmon_benchmark.zip): <root>/<subset>/"
+    "sample_<index>_<option>.wav for each subset in " + ", ".join(SALMON_SUBSETS) + "; option 0 "
+    "is the positive (consistent) sample and option 1 the negative one"
+)
+SLM21_LAYOUT = (
+    "ZeroSpeech 2021 sLM21, as published (zerospeech2021 dataset): <root>/{task}/{split}/"
+    "<filename>.wav and <root>/{task}/{split}/gold.csv with the columns {columns} (filename "
+    "without .wav; rows sharing id and voice form a pair; correct = 1 is the positive). The test "
+    "split's gold.csv is not public: use split=dev, or give the file yourself"
+)
+STORYCLOZE_LAYOUT = (
+    "{name}, as published (slp-rl/SpokenStoryCloze, the {folder}.zip download): "
+    "<root>/<n>_<story id>_correct.wav and its negative <root>/<n+1>_<story id>_incorrect.wav "
+    "(<root> is the {folder} folder or the folder that holds it)"
+)
+
+
+def _layout_error(what: str, layout: str) -> LayoutError:
+    return LayoutError(f"{what}. Expected layout: {layout}")
+
+
+def _single_child_with(root: Path, names: Iterable[str]) -> Path:
+    """``root``, or its only sub-folder when the wanted entries live one level down (a zip that
+    unpacks into its own folder)."""
+    names = list(names)
+    if any((root / n).exists() for n in names):
+        return root
+    children = [c for c in root.iterdir() if c.is_dir()] if root.is_dir() else []
+    holding = [c for c in children if any((c / n).exists() for n in names)]
+    return holding[0] if len(holding) == 1 else root
+
+
+def read_salmon(root: str | Path, subsets: Optional[Sequence[str]] = None) -> List[Pair]:
+    """SALMon pairs from a local copy of the published benchmark.
+
+    Layout (read as slp-rl/salmon's ``SalmonDataset`` does; the files are written by its
+    ``data_generation/*.py`` as ``sample_{index}_{option}.wav``, option 0 the true one):
+    ``<root>/<subset>/sample_<index>_<option>.wav``.
+
+    Args:
+        root: the unzipped benchmark folder (``salmon_benchmark`` or the folder holding it).
+        subsets: which subsets; all eight by default.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise _layout_error(f"SALMon folder {root} does not exist", SALMON_LAYOUT)
+    subsets = list(subsets) if subsets else list(SALMON_SUBSETS)
+    unknown = [s for s in subsets if s not in SALMON_SUBSETS]
+    if unknown:
+        raise ValueError(f"unknown SALMon subsets {unknown}; the subsets are {SALMON_SUBSETS}")
+    root = _single_child_with(root, subsets)
+    pattern = re.compile(r"^sample_(\d+)_(\d+)$")
+    missing = [s for s in subsets if not (root / s).is_dir()]
+    if missing:
+        raise _layout_error(
+            f"SALMon subset folders {', '.join(missing)} are missing in {root}", SALMON_LAYOUT
+        )
+    pairs = []
+    for subset in subsets:
+        folder = root / subset
+        samples: Dict[int, Dict[int, Path]] = defaultdict(dict)
+        for p in folder.glob("*.wav"):
+            m = pattern.match(p.stem)
+            if not m:
+                raise _layout_error(f"unexpected file name {p}", SALMON_LAYOUT)
+            samples[int(m.group(1))][int(m.group(2))] = p
+        if not samples:
+            raise _layout_error(f"no sample_<index>_<option>.wav files in {folder}", SALMON_LAYOUT)
+        for index in sorted(samples):
+            options = samples[index]
+            if sorted(options) != [0, 1]:
+                raise _layout_error(
+                    f"{folder}: sample {index} has options {sorted(options)}, expected 0 and 1",
+                    SALMON_LAYOUT,
+                )
+            pairs.append(Pair("SALMon", subset, str(index), str(options[0]), str(options[1])))
+    return pairs
+
+
+_SLM21_COLUMNS = {
+    "lexical": ("filename", "id", "voice", "correct"),
+    "syntactic": ("filename", "type", "id", "voice", "correct"),
+}
+
+
+def _read_slm21(root: str | Path, task: str, suite: str, split: str) -> List[Pair]:
+    columns = _SLM21_COLUMNS[task]
+    layout = SLM21_LAYOUT.format(task=task, split=split, columns=", ".join(columns))
+    root = Path(root)
+    if not root.is_dir():
+        raise _layout_error(f"{suite} folder {root} does not exist", layout)
+    # the dataset root, its <task> folder or its <task>/<split> folder
+    candidates = [root / task / split, root / split, root]
+    folder = next((c for c in candidates if (c / "gold.csv").is_file()), None)
+    if folder is None:
+        nested = _single_child_with(root, [task])
+        if (nested / task / split / "gold.csv").is_file():
+            folder = nested / task / split
+    if folder is None:
+        raise _layout_error(
+            f"no {task}/{split}/gold.csv under {root} (looked for "
+            + ", ".join(str(c / "gold.csv") for c in candidates)
+            + ")",
+            layout,
+        )
+    gold = folder / "gold.csv"
+    with open(gold, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise _layout_error(f"{gold} lacks the columns {missing}", layout)
+        rows = list(reader)
+    if not rows:
+        raise _layout_error(f"{gold} has no rows", layout)
+    groups: Dict[Tuple[str, str], Dict[int, List[dict]]] = defaultdict(lambda: {0: [], 1: []})
+    for n, row in enumerate(rows, start=2):
+        try:
+            correct = int(float(row["correct"]))
+        except ValueError:
+            correct = -1
+        if correct not in (0, 1):
+            raise _layout_error(f"{gold} line {n}: correct is {row['correct']!r}, not 0/1", layout)
+        groups[(row["id"], row["voice"])][correct].append(row)
+    pairs = []
+    for (pid, voice), g in groups.items():
+        if len(g[1]) != len(g[0]):
+            raise _layout_error(
+                f"{gold}: id {pid} voice {voice} has {len(g[1])} correct and {len(g[0])} "
+                "incorrect rows; a pair needs one of each",
+                layout,
+            )
+        for k, (pos, neg) in enumerate(zip(g[1], g[0])):
+            subset = pos["type"] if task == "syntactic" else "all"
+            pair_id = f"{pid}/{voice}" + (f"/{k}" if k else "")
+            paths = [folder / f"{r['filename']}.wav" for r in (pos, neg)]
+            for p in paths:
+                if not p.is_file():
+                    raise _layout_error(f"{p} (listed in {gold}) does not exist", layout)
+            pairs.append(Pair(suite, subset, pair_id, str(paths[0]), str(paths[1])))
+    return pairs
+
+
+def read_swuggy(root: str | Path, split: str = "dev") -> List[Pair]:
+    """sWUGGY (word vs non-word) pairs from a local ZeroSpeech 2021 dataset.
+
+    Layout (zerospeech/zerospeech2021 ``cli/evaluate.py`` and ``lexical.py``):
+    ``<root>/lexical/<split>/<filename>.wav`` and ``<root>/lexical/<split>/gold.csv`` with at
+    least ``filename, id, voice, correct`` (the published file also has ``frequency, word,
+    phones, length``). ``root`` may also be the ``lexical`` or the ``lexical/<split>`` folder.
+    """
+    return _read_slm21(root, "lexical", "sWUGGY", split)
+
+
+def read_sblimp(root: str | Path, split: str = "dev") -> List[Pair]:
+    """sBLIMP (grammatical vs ungrammatical sentence) pairs from a local ZeroSpeech 2021 dataset,
+    grouped into subsets by the gold ``type`` column.
+
+    Layout (zerospeech/zerospeech2021 ``syntactic.py``): ``<root>/syntactic/<split>/*.wav`` and
+    ``gold.csv`` with at least ``filename, type, id, voice, correct`` (also ``subtype,
+    transcription`` in the published file).
+    """
+    return _read_slm21(root, "syntactic", "sBLIMP", split)
+
+
+def read_storycloze(root: str | Path, suite: str = "sStoryCloze") -> List[Pair]:
+    """Spoken (``sStoryCloze``) or topic (``tStoryCloze``) StoryCloze pairs.
+
+    Layout of the slp-rl/SpokenStoryCloze downloads (folders ``sSC`` and ``tSC``): flat wav files
+    ``<n>_<story id>_correct.wav``, whose negative is ``<n+1>_<story id>_incorrect.wav`` (the
+    pairing the public evaluation scripts use: SlamKit sorts by ``n`` and takes consecutive
+    files; other scripts look up ``f"{n + 1}_{id}_incorrect"``).
+    """
+    folders = {"sStoryCloze": "sSC", "tStoryCloze": "tSC"}
+    if suite not in folders:
+        raise ValueError(f"suite must be one of {sorted(folders)}, got {suite!r}")
+    layout = STORYCLOZE_LAYOUT.format(name=suite, folder=folders[suite])
+    root = Path(root)
+    if not root.is_dir():
+        raise _layout_error(f"{suite} folder {root} does not exist", layout)
+    if not any(root.glob("*.wav")) and (root / folders[suite]).is_dir():
+        root = root / folders[suite]
+    pattern = re.compile(r"^(\d+)_(.+)_(correct|incorrect)$")
+    correct: Dict[int, Tuple[str, Path]] = {}
+    incorrect: Dict[int, Tuple[str, Path]] = {}
+    for p in root.glob("*.wav"):
+        m = pattern.match(p.stem)
+        if not m:
+            raise _layout_error(f"unexpected file name {p}", layout)
+        n, story, kind = int(m.group(1)), m.group(2), m.group(3)
+        (correct if kind == "correct" else incorrect)[n] = (story, p)
+    if not correct:
+        raise _layout_error(f"no <n>_<story id>_correct.wav files in {root}", layout)
+    pairs = []
+    for n in sorted(correct):
+        story, pos = correct[n]
+        if n + 1 not in incorrect or incorrect[n + 1][0] != story:
+            raise _layout_error(
+                f"{pos.name} has no negative {n + 1}_{story}_incorrect.wav in {root}", layout
+            )
+        pairs.append(Pair(suite, "all", story, str(pos), str(incorrect[n + 1][1])))
+    if len(pairs) != len(incorrect):
+        raise _layout_error(
+            f"{root}: {len(incorrect)} incorrect files but {len(pairs)} pairs", layout
+        )
+    return pairs
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """A benchmark: its printed name, its reader and the reference's scoring choice."""
+
+    name: str
+    reader: Callable[..., List[Pair]]
+    reference_mode: str
+    reference_include_markers: bool = True
+
+
+SUITES: Dict[str, SuiteSpec] = {
+    "salmon": SuiteSpec("SALMon", read_salmon, "mean"),
+    "swuggy": SuiteSpec("sWUGGY", read_swuggy, "semantic"),
+    "sblimp": SuiteSpec("sBLIMP", read_sblimp, "semantic"),
+    "sstorycloze": SuiteSpec(
+        "sStoryCloze", lambda root: read_storycloze(root, "sStoryCloze"), "semantic"
+    ),
+    "tstorycloze": SuiteSpec(
+        "tStoryCloze", lambda root: read_storycloze(root, "tStoryCloze"), "semantic"
+    ),
+}
+
+
+def read_suite(name: str, path: str | Path, **options) -> List[Pair]:
+    """Pairs of the suite ``name`` (a key of ``SUITES``: salmon, swuggy, sblimp, sstorycloze,
+    tstorycloze) from its local folder; ``options`` go to the reader (``subsets`` for SALMon,
+    ``split`` for sWUGGY / sBLIMP)."""
+    key = name.lower()
+    if key not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; the suites are {sorted(SUITES)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    return SUITES[key].reader(path, **options)
+
+
+# =============================================================================================
+# Audio -> codes, once, through a cache
+# =============================================================================================
+def codec_fingerprint(codec) -> str:
+    """A short hash that changes when the codec's weights or settings change, so that a code
+    cache is never reused across codecs (a random codec's seed, another Mimi checkpoint, Q)."""
+    h = hashlib.sha1()
+    h.update(type(codec).__name__.encode())
+    for attr in ("num_quantizers", "sample_rate", "frame_rate"):
+        h.update(f"{attr}={getattr(codec, attr, None)}".encode())
+    module = codec if isinstance(codec, torch.nn.Module) else getattr(codec, "model", None)
+    if isinstance(module, torch.nn.Module):
+        with torch.no_grad():
+            for name, t in sorted(module.state_dict().items()):
+                t = t.detach()
+                # name, shape, the first 16k values and the sum: cheap, and any other
+                # checkpoint or seed differs in them
+                head = t.flatten()[:16384].to("cpu", torch.float64).numpy().tobytes()
+                total = float(t.double().sum()) if t.is_floating_point() else float(t.sum())
+                h.update(f"{name}{tuple(t.shape)}{total!r}".encode() + head)
+    elif hasattr(codec, "fingerprint"):
+        h.update(str(codec.fingerprint).encode())
+    return h.hexdigest()[:16]
+
+
+def _file_key(path: str | Path) -> str:
+    p = Path(path).resolve()
+    st = p.stat()
+    return f"{p}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def encode_audio_files(
+    paths: Sequence[str | Path],
+    codec,
+    cache_file: Optional[str | Path] = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    save_every: int = 256,
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Mimi codes of audio files, each encoded once and kept in a cache file.
+
+    The encoding itself is the tokenize recipe's (``code_cache.encode_items``: files read,
+    checked, mixed down and resampled by ``llama_mimi_tt.audio``, batched by length,
+    unreadable ones skipped with their reason). Its sharded corpus cache is made for streaming
+    a training set in order; a benchmark needs codes by file, so they are kept here in one
+    ``.pt`` file keyed by path, size and modification time.
+
+    Args:
+        paths: audio files.
+        codec: a ``MimiCodec`` (``sample_rate``, ``encode_batch(waves, sr, batch_size=...)``).
+        cache_file: the ``.pt`` cache; files already in it (same path, size, modification time
+            and same codec weights) are not encoded again. Written every ``save_every`` new files
+            and at the end (atomically), so an interrupted run keeps its work. ``None``: no cache.
+        batch_size: files per encoder call.
+        progress: tqdm bar.
+        save_every: files between cache saves.
+
+    Returns:
+        ``(codes, errors)``: ``{path: int16 codes [Q, F]}`` of every file that could be encoded,
+        and ``{path: reason}`` of those that could not (missing, empty, NaN, undecodable).
+    """
+    from llama_mimi_tt.code_cache import AudioItem, AudioSource, encode_items
+
+    fingerprint = codec_fingerprint(codec)
+    cache: Dict[str, torch.Tensor] = {}
+    cache_file = Path(cache_file) if cache_file else None
+    if cache_file is not None and cache_file.is_file():
+        blob = torch.load(cache_file, map_location="cpu", weights_only=True)
+        if blob.get("fingerprint") == fingerprint:
+            cache = dict(blob["codes"])
+        else:
+            log.info(f"{cache_file} was made with another codec; encoding again")
+    unique = list(dict.fromkeys(str(p) for p in paths))
+    keys: Dict[str, str] = {}
+    errors: Dict[str, str] = {}
+    for p in unique:
+        try:
+            keys[p] = _file_key(p)
+        except OSError as e:
+            errors[p] = f"FileNotFoundError: {e}"
+            log.warning(f"skipping {p}: {e}")
+    todo = [p for p in keys if keys[p] not in cache]
+    if cache_file is not None and len(todo) < len(keys):
+        log.info(f"code cache {cache_file}: {len(keys) - len(todo)} of {len(keys)} files cached")
+
+    def save():
+        if cache_file is None:
+            return
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.name + f".tmp-{os.getpid()}")
+        torch.save({"fingerprint": fingerprint, "codes": cache}, tmp)
+        os.replace(tmp, cache_file)
+
+    pbar = tqdm(
+        total=len(todo), desc="encoding audio", disable=not progress or not todo, unit="file"
+    )
+    for c0 in range(0, len(todo), save_every):
+        chunk = todo[c0 : c0 + save_every]
+        items = [AudioItem(index=i, id=p, path=p) for i, p in enumerate(chunk)]
+        rows, skipped = encode_items(
+            AudioSource("manifest", "benchmark audio", items),
+            items,
+            codec,
+            max_seconds=None,  # whole files: max_seconds is applied to the codes, when scoring
+            batch_size=batch_size,
+            progress=lambda n, seconds: pbar.update(n),
+            logger=log,
+        )
+        for r in rows:
+            cache[keys[r["path"]]] = torch.from_numpy(r["codes"].astype("int16"))
+        for sk in skipped:
+            errors[sk["path"]] = sk["reason"]
+        save()
+    pbar.close()
+    codes = {p: cache[keys[p]] for p in keys if keys[p] in cache}
+    return codes, errors
+
+
+# =============================================================================================
+# Pairs -> records -> summary
+# =============================================================================================
+def _sequence(tokenizer, codes: torch.Tensor, max_frames: Optional[int]) -> Tuple[List[int], Tuple]:
+    """``<|begin_of_text|> <audio> codes </audio>`` and its audio span."""
+    q = tokenizer.vocab.num_quantizers
+    codes = torch.as_tensor(codes).long()[:q]
+    if max_frames is not None:
+        codes = codes[:, :max_frames]
+    ids, audio_start = tokenizer.tokenize(codes)
+    start = audio_start + 1
+    end = start + ((len(ids) - start) // q) * q
+    return ids, (start, end)
+
+
+def score_pairs(
+    model: torch.nn.Module,
+    tokenizer,
+    pairs: Sequence[Pair],
+    codes: Mapping[str, torch.Tensor],
+    batch_size: int = 16,
+    mode: str = "mean",
+    include_markers: bool = False,
+    max_seconds: Optional[float] = None,
+    tie_tolerance: float = 0.0,
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+) -> List[dict]:
+    """Scores every pair; one record per pair (JSON-ready).
+
+    Args:
+        model: the Llama-Mimi model.
+        tokenizer: a ``LlamaMimiTokenizer`` (builds ``<|begin_of_text|> <audio> .. </audio>``).
+        pairs: from ``read_suite``.
+        codes: ``{path: [Q', F]}`` with ``Q' >= Q`` (``encode_audio_files``).
+        batch_size: sequences per forward pass.
+        mode, include_markers: see ``score_sequences``.
+        max_seconds: cut the audio to this length before scoring (the reference cuts at 20 s,
+            its training length; Mimi's encoder is causal, so cutting codes equals cutting audio).
+        tie_tolerance: ``|pos - neg|`` at or below this is a tie (0.5).
+        device: where to run.
+        progress: tqdm bar.
+
+    Returns:
+        ``[{suite, subset, pair_id, positive, negative, score_positive, score_negative,
+        frames_positive, frames_negative, outcome}]``; pairs whose audio is missing from
+        ``codes`` get ``outcome = None`` and ``skipped`` with the reason.
+    """
+    max_frames = round(max_seconds * MIMI_FRAME_RATE) if max_seconds else None
+    seq_of: Dict[str, int] = {}
+    sequences, spans = [], []
+    for path in dict.fromkeys(p for pair in pairs for p in (pair.positive, pair.negative)):
+        if path in codes and torch.as_tensor(codes[path]).shape[-1] > 0:
+            ids, span = _sequence(tokenizer, codes[path], max_frames)
+            seq_of[path] = len(sequences)
+            sequences.append(ids)
+            spans.append(span)
+    scores = score_sequences(
+        model,
+        sequences,
+        spans,
+        tokenizer.vocab,
+        batch_size=batch_size,
+        mode=mode,
+        include_markers=include_markers,
+        device=device,
+        progress=progress,
+        desc=pairs[0].suite if pairs else "scoring",
+    ).tolist()
+    q = tokenizer.vocab.num_quantizers
+    records = []
+    for pair in pairs:
+        rec = asdict(pair)
+        missing = [p for p in (pair.positive, pair.negative) if p not in seq_of]
+        if missing:
+            rec.update(outcome=None, skipped=f"no codes for {', '.join(missing)}")
+        else:
+            i, j = seq_of[pair.positive], seq_of[pair.negative]
+            rec.update(
+                score_positive=scores[i],
+                score_negative=scores[j],
+                frames_positive=(spans[i][1] - spans[i][0]) // q,
+                frames_negative=(spans[j][1] - spans[j][0]) // q,
+                outcome=pair_outcome(scores[i], scores[j], tie_tolerance),
+            )
+        records.append(rec)
+    return records
+
+
+def _stats(outcomes: List[Optional[float]]) -> dict:
+    done = [o for o in outcomes if o is not None]
+    n = len(done)
+    return {
+        "pairs": n,
+        "accuracy": sum(done) / n if n else None,
+        "ties": sum(o == 0.5 for o in done),
+        "accuracy_ties_as_wrong": sum(o == 1.0 for o in done) / n if n else None,
+        "skipped": len(outcomes) - n,
+    }
+
+
+def summarize(records: Sequence[Mapping]) -> Dict[str, dict]:
+    """Per suite: ``{"subsets": {subset: stats}, "overall": stats, "macro_accuracy": float}``.
+
+    ``stats`` = ``{pairs, accuracy (ties 0.5), ties, accuracy_ties_as_wrong, skipped}``;
+    ``overall`` pools every pair of the suite, ``macro_accuracy`` is the mean over subsets (the
+    way SALMon's per-subset table averages).
+    """
+    by_suite: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_suite[r["suite"]][r["subset"]].append(r["outcome"])
+    out = {}
+    for suite, subsets in by_suite.items():
+        stats = {s: _stats(o) for s, o in sorted(subsets.items())}
+        accs = [s["accuracy"] for s in stats.values() if s["accuracy"] is not None]
+        out[suite] = {
+            "subsets": stats,
+            "overall": _stats([o for v in subsets.values() for o in v]),
+            "macro_accuracy": sum(accs) / len(accs) if accs else None,
+        }
+    return out
+
+
+def format_table(summary: Mapping[str, Mapping]) -> str:
+    """A plain-text table of ``summarize``'s output: one row per subset and one per suite."""
+
+    def pct(x):
+        return "    -" if x is None else f"{100 * x:5.1f}"
+
+    head = f"{'suite':<12} {'subset':<24} {'pairs':>6} {'acc %':>6} {'ties':>5} {'strict %':>8}"
+    lines = [head, "-" * len(head)]
+    for suite, s in summary.items():
+        rows = list(s["subsets"].items()) if len(s["subsets"]) > 1 else []
+        rows.append(("overall", s["overall"]))
+        for name, st in rows:
+            skipped = f"  ({st['skipped']} skipped)" if st["skipped"] else ""
+            lines.append(
+                f"{suite:<12} {name:<24} {st['pairs']:>6} {pct(st['accuracy']):>6} "
+                f"{st['ties']:>5} {pct(st['accuracy_ties_as_wrong']):>8}{skipped}"
+            )
+        if len(s["subsets"]) > 1:
+            lines.append(
+                f"{suite:<12} {'macro (mean of subsets)':<24} {'':>6} {pct(s['macro_accuracy']):>6}"
+            )
+    lines.append("acc: ties count 0.5 (official scorers); strict: ties count 0 (llm-jp scripts)")
+    return "\n".join(lines)
+
+
+def write_results(
+    output_dir: str | Path, summary: Mapping, records: Sequence[Mapping], extra: Mapping = None
+) -> Tuple[Path, Path]:
+    """``results.json`` (summary plus ``extra``) and ``pairs.jsonl`` (one line per pair)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.json"
+    results.write_text(json.dumps({**(extra or {}), "suites": summary}, indent=2))
+    pairs = out / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return results, pairs

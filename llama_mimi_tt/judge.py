@@ -1,0 +1,636 @@
+"""Generation quality: LLM-as-a-judge on transcripts, and speaker similarity.
+
+For each (prompt audio, continuation audio) pair:
+
+1. both are transcribed by a pluggable ASR (``build_asr``: openai-whisper from a local checkpoint
+   file, or a transformers ASR pipeline from a local model directory);
+2. a judge model behind any OpenAI-compatible chat endpoint (``ChatJudge``: ``POST
+   {base_url}/chat/completions``) scores the continuation's content on the 1-10 ``RUBRIC``
+   below, from the two transcripts only;
+3. a pluggable speaker-embedding model (``SpeakerEmbedder``: any transformers audio x-vector
+   model, e.g. ``WavLMForXVector``, from a local directory) embeds both, and the cosine
+   similarity of the two embeddings is the speaker similarity.
+
+The rubric, sent verbatim with the two transcripts in every request (``RUBRIC``)::
+
+    Score the CONTINUATION's content on this 1-10 scale:
+    10: a natural, fluent and meaningful continuation that clearly follows from the prompt (same
+    topic, people, situation and tense) and is grammatical throughout.
+    8-9: coherent with the prompt and grammatical, with at most minor slips or slightly generic
+    content.
+    6-7: mostly on topic and understandable, with some grammatical errors or a loose connection to
+    the prompt.
+    4-5: only partly related to the prompt, or with frequent grammatical errors; the meaning is hard
+    to follow in places.
+    2-3: largely unrelated to the prompt or mostly ungrammatical; little coherent meaning.
+    1: empty, gibberish, or no recognisable words or meaning.
+    Judge the content only (coherence with the prompt, grammar, meaning), not audio quality. Both
+    texts are automatic transcripts: ignore punctuation, capitalisation and spelling. The
+    continuation may stop mid-sentence; do not penalise the cut itself.
+
+Results: the mean judge score and the mean similarity, each with a 95% confidence interval from
+Student's t distribution (``mean_ci``: mean +- t(0.975, n-1) * sd / sqrt(n)), and every
+per-sample judgement in ``judgements.jsonl``.
+
+The judge's replies are parsed robustly (``parse_judge_reply``): JSON ``{"score": n, "reason":
+...}`` is asked for, a JSON object inside prose or a code fence is accepted, and otherwise the
+first integer 1..10 after the word "score". Connection errors, timeouts, HTTP 429 and 5xx and
+unparseable replies are retried with exponential backoff; a sample that still fails is counted
+as failed and never as a score. HTTP 401, 403 and 404 stop the run at once (a wrong key, model
+or URL would fail every sample the same way).
+
+Nothing here downloads anything: models come from local paths, and the only network traffic is
+to the judge endpoint you configure.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torchtune import utils
+from tqdm import tqdm
+
+log = utils.get_logger("INFO")
+
+__all__ = [
+    "RUBRIC",
+    "ChatJudge",
+    "JudgeError",
+    "SpeakerEmbedder",
+    "TransformersASR",
+    "WhisperASR",
+    "build_asr",
+    "cosine_similarity",
+    "evaluate_generations",
+    "judge_messages",
+    "mean_ci",
+    "parse_judge_reply",
+    "student_t_ppf",
+]
+
+# =============================================================================================
+# The rubric and the judge
+# =============================================================================================
+RUBRIC = """\
+Score the CONTINUATION's content on this 1-10 scale:
+10: a natural, fluent and meaningful continuation that clearly follows from the prompt (same \
+topic, people, situation and tense) and is grammatical throughout.
+8-9: coherent with the prompt and grammatical, with at most minor slips or slightly generic \
+content.
+6-7: mostly on topic and understandable, with some grammatical errors or a loose connection to \
+the prompt.
+4-5: only partly related to the prompt, or with frequent grammatical errors; the meaning is hard \
+to follow in places.
+2-3: largely unrelated to the prompt or mostly ungrammatical; little coherent meaning.
+1: empty, gibberish, or no recognisable words or meaning.
+Judge the content only (coherence with the prompt, grammar, meaning), not audio quality. Both \
+texts are automatic transcripts: ignore punctuation, capitalisation and spelling. The \
+continuation may stop mid-sentence; do not penalise the cut itself."""
+
+SYSTEM_PROMPT = (
+    "You are a careful, strict evaluator of speech continuations produced by a spoken language "
+    "model. You reply with JSON only."
+)
+
+
+def judge_messages(prompt_text: str, continuation_text: str) -> List[Dict[str, str]]:
+    """The chat messages sent to the judge for one sample (rubric included)."""
+    user = (
+        "A speech language model heard the PROMPT (spoken) and continued speaking. Here are "
+        "transcripts of both.\n\n"
+        f"PROMPT: {json.dumps(prompt_text)}\n"
+        f"CONTINUATION: {json.dumps(continuation_text)}\n\n"
+        f"{RUBRIC}\n\n"
+        'Reply with one JSON object and nothing else: {"score": <integer 1-10>, "reason": '
+        '"<one short sentence>"}'
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def _as_score(value) -> Optional[int]:
+    """An integer 1..10 from a JSON value (``7``, ``7.0``, ``"7"``, ``"7/10"``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        if float(value).is_integer() and 1 <= value <= 10:
+            return int(value)
+        return None
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d{1,2})(?:\.0+)?\s*(?:/\s*10)?\s*", value)
+        if m and 1 <= int(m.group(1)) <= 10:
+            return int(m.group(1))
+    return None
+
+
+def parse_judge_reply(text: Optional[str]) -> Tuple[Optional[int], str]:
+    """``(score, reason)`` from a judge reply; ``score`` is None when none can be found.
+
+    Tried in order: the whole reply as JSON; each ``{...}`` object in it (code fences and prose
+    around it allowed); the first integer 1..10 within a few characters after the word "score"
+    (``Score: 7``, ``score of 8/10``; a range such as ``1-10`` or a decimal such as ``7.5`` is
+    passed over). Scores outside 1..10 are not accepted.
+    """
+    if not text or not text.strip():
+        return None, ""
+    candidates = [text.strip()]
+    candidates += re.findall(r"\{[^{}]*\}", text, flags=re.S)
+    for c in candidates:
+        c = re.sub(r"^```(?:json)?\s*|\s*```$", "", c.strip())
+        try:
+            obj = json.loads(c)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            lower = {str(k).lower(): v for k, v in obj.items()}
+            score = _as_score(lower.get("score"))
+            if score is not None:
+                return score, str(lower.get("reason", "")).strip()
+    for m in re.finditer(
+        r"score[^0-9]{0,20}?(\d{1,2})(?!\d|\.\d|\s*(?:-|to)\s*\d)", text, flags=re.I
+    ):
+        n = int(m.group(1))
+        if 1 <= n <= 10:
+            return n, text.strip()
+    return None, ""
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint rejects the configuration itself (bad key, model or URL)."""
+
+
+class _Retry(Exception):
+    """A transient failure: try again after a backoff."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _Fail(Exception):
+    """A failure that retrying will not fix (HTTP 400 and the like): the sample fails."""
+
+
+class ChatJudge:
+    """An LLM judge behind an OpenAI-compatible chat completions endpoint.
+
+    Args:
+        base_url: the API root, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1``
+            (vLLM, llama.cpp server, ...); ``/chat/completions`` is appended.
+        model: the model name the endpoint serves.
+        api_key_env: name of the environment variable holding the API key (sent as ``Bearer``).
+            ``None`` for endpoints without authentication. Never put the key in the config.
+        timeout: seconds to wait for one HTTP response.
+        max_retries: retries after the first attempt, for connection errors, timeouts, HTTP 429
+            and 5xx, and replies without a parseable score.
+        backoff: first retry delay in seconds; doubled each retry (``backoff * 2**k``), capped at
+            ``max_backoff``; a ``Retry-After`` header is honoured up to the same cap.
+        max_backoff: the longest single wait.
+        temperature: sampling temperature of the judge (0 for repeatability).
+        max_tokens: the reply's length limit.
+        sleep: the function that waits (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: Optional[str] = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        temperature: float = 0.0,
+        max_tokens: int = 200,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key = None
+        if api_key_env:
+            self.api_key = os.environ.get(api_key_env)
+            if not self.api_key:
+                raise JudgeError(
+                    f"the judge's API key is read from the environment variable {api_key_env}, "
+                    "which is not set. Export it, or set judge.api_key_env: null for an endpoint "
+                    "without authentication."
+                )
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.sleep = sleep
+
+    def _post(self, messages: List[Dict[str, str]]) -> str:
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(
+            self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:300].decode(errors="replace")
+            if e.code == 429 or e.code >= 500:
+                after = e.headers.get("Retry-After") if e.headers else None
+                try:
+                    after = float(after) if after is not None else None
+                except ValueError:
+                    after = None
+                raise _Retry(f"HTTP {e.code}: {detail}", after) from e
+            if e.code in (401, 403, 404):
+                raise JudgeError(
+                    f"the judge endpoint {self.url} answered HTTP {e.code} ({detail}): check "
+                    "judge.base_url, judge.model and the API key"
+                ) from e
+            raise _Fail(f"HTTP {e.code}: {detail}") from e
+        except (
+            urllib.error.URLError,
+            TimeoutError,
+            ConnectionError,
+            http.client.HTTPException,
+        ) as e:
+            raise _Retry(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
+        try:
+            return json.loads(raw)["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Retry(f"not a chat completion response: {raw[:200]!r}") from e
+
+    def judge(self, prompt_text: str, continuation_text: str) -> dict:
+        """One judgement: ``{score, reason, attempts, error, reply}``; ``score`` is None when
+        every attempt failed (``error`` says why)."""
+        messages = judge_messages(prompt_text, continuation_text)
+        error, reply, retry_after = None, None, None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                if retry_after is not None:
+                    delay = min(self.max_backoff, max(delay, retry_after))
+                self.sleep(delay)
+            retry_after = None
+            try:
+                reply = self._post(messages)
+            except _Retry as e:
+                error, retry_after = str(e), e.retry_after
+                continue
+            except _Fail as e:
+                return dict(score=None, reason="", attempts=attempt + 1, error=str(e), reply=None)
+            score, reason = parse_judge_reply(reply)
+            if score is not None:
+                return dict(
+                    score=score, reason=reason, attempts=attempt + 1, error=None, reply=reply
+                )
+            error = f"no score in the reply: {reply[:200]!r}"
+        return dict(score=None, reason="", attempts=self.max_retries + 1, error=error, reply=reply)
+
+
+# =============================================================================================
+# Confidence intervals
+# =============================================================================================
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(ln) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
+
+
+def _student_t_cdf(t: float, df: float) -> float:
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def student_t_ppf(p: float, df: float) -> float:
+    """Quantile of Student's t distribution (no SciPy needed): bisection on the exact CDF.
+    ``student_t_ppf(0.975, 10)`` = 2.2281..."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -student_t_ppf(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while _student_t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _student_t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean and its two-sided confidence interval from Student's t distribution:
+    ``mean +- t((1 + confidence) / 2, n - 1) * sd / sqrt(n)`` with the sample standard
+    deviation (``n - 1``). With fewer than two values the interval is None.
+
+    Returns:
+        ``{n, mean, std, ci_low, ci_high, confidence, method}``.
+    """
+    vals = [float(v) for v in values]
+    n = len(vals)
+    out = dict(
+        n=n,
+        mean=None,
+        std=None,
+        ci_low=None,
+        ci_high=None,
+        confidence=confidence,
+        method="student-t",
+    )
+    if n == 0:
+        return out
+    mean = sum(vals) / n
+    out["mean"] = mean
+    if n < 2:
+        return out
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = student_t_ppf((1.0 + confidence) / 2.0, n - 1) * std / math.sqrt(n)
+    out.update(std=std, ci_low=mean - half, ci_high=mean + half)
+    return out
+
+
+# =============================================================================================
+# ASR
+# =============================================================================================
+class WhisperASR:
+    """openai-whisper from a local checkpoint file (``.pt``, as whisper downloads them).
+
+    Args:
+        model: path of the checkpoint file (e.g. ``~/.cache/whisper/large-v3.pt``).
+        device: ``"cpu"`` or ``"cuda"``.
+        language: the spoken language (``"en"``), or None to detect it.
+    """
+
+    sample_rate = 16000
+
+    def __init__(self, model: str, device: str = "cpu", language: Optional[str] = "en"):
+        try:
+            import whisper
+        except ImportError as e:
+            raise ImportError(
+                "asr.kind=whisper needs openai-whisper: `pip install openai-whisper` (or use "
+                "asr.kind=transformers with a local Whisper model directory)"
+            ) from e
+        path = Path(os.path.expanduser(model))
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Whisper checkpoint {path} not found: give the path of a local .pt file (whisper "
+                "saves them under ~/.cache/whisper when it downloads one)"
+            )
+        self.model = whisper.load_model(str(path), device=device)
+        self.language = language
+        self.fp16 = device != "cpu"
+
+    def __call__(self, wave: torch.Tensor, sample_rate: int) -> str:
+        from llama_mimi_tt.audio import prepare_waveform
+
+        audio = prepare_waveform(wave, sample_rate, self.sample_rate).numpy()
+        out = self.model.transcribe(audio, language=self.language, fp16=self.fp16)
+        return out["text"].strip()
+
+
+class TransformersASR:
+    """A transformers ``automatic-speech-recognition`` pipeline from a local model directory
+    (Whisper, wav2vec 2.0, ... saved with ``save_pretrained``).
+
+    Args:
+        model: the model directory.
+        device: ``"cpu"``, ``"cuda"`` ...
+        language: for Whisper models, the spoken language (``"english"``); None otherwise.
+    """
+
+    def __init__(self, model: str, device: str = "cpu", language: Optional[str] = None):
+        try:
+            from transformers import pipeline
+        except ImportError as e:
+            raise ImportError("asr.kind=transformers needs `pip install transformers`") from e
+        path = Path(os.path.expanduser(model))
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"ASR model directory {path} not found: give a local directory saved with "
+                "save_pretrained (config.json, weights, processor files)"
+            )
+        self.pipe = pipeline("automatic-speech-recognition", model=str(path), device=device)
+        self.sample_rate = self.pipe.feature_extractor.sampling_rate
+        self.language = language
+
+    def __call__(self, wave: torch.Tensor, sample_rate: int) -> str:
+        from llama_mimi_tt.audio import prepare_waveform
+
+        audio = prepare_waveform(wave, sample_rate, self.sample_rate).numpy()
+        kwargs = {"generate_kwargs": {"language": self.language}} if self.language else {}
+        out = self.pipe({"raw": audio, "sampling_rate": self.sample_rate}, **kwargs)
+        return out["text"].strip()
+
+
+def build_asr(kind: str, model: str, device: str = "cpu", language: Optional[str] = None):
+    """The ASR component for YAML: ``kind`` is ``whisper`` (openai-whisper, ``model`` a local
+    ``.pt`` file) or ``transformers`` (a pipeline, ``model`` a local directory). Either returns a
+    callable ``asr(wave, sample_rate) -> str``."""
+    if kind == "whisper":
+        return WhisperASR(model, device=device, language=language or "en")
+    if kind == "transformers":
+        return TransformersASR(model, device=device, language=language)
+    raise ValueError(f"asr kind must be 'whisper' or 'transformers', got {kind!r}")
+
+
+# =============================================================================================
+# Speaker similarity
+# =============================================================================================
+class SpeakerEmbedder:
+    """Speaker embeddings from a transformers audio x-vector model in a local directory
+    (``WavLMForXVector``, ``Wav2Vec2ForXVector``, ... via ``AutoModelForAudioXVector``).
+
+    Any other speaker model plugs in the same way: a callable ``embed(wave, sample_rate)`` that
+    returns a 1-D tensor.
+    """
+
+    def __init__(self, model: str, device: str = "cpu"):
+        try:
+            from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
+        except ImportError as e:
+            raise ImportError("speaker similarity needs `pip install transformers`") from e
+        path = Path(os.path.expanduser(model))
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"speaker model directory {path} not found: give a local directory with an "
+                "audio x-vector model (e.g. microsoft/wavlm-base-plus-sv saved with save_pretrained)"
+            )
+        self.extractor = AutoFeatureExtractor.from_pretrained(str(path), local_files_only=True)
+        self.model = AutoModelForAudioXVector.from_pretrained(str(path), local_files_only=True)
+        self.model.eval().to(device)
+        self.device = device
+        self.sample_rate = self.extractor.sampling_rate
+
+    @torch.no_grad()
+    def __call__(self, wave: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        from llama_mimi_tt.audio import prepare_waveform
+
+        audio = prepare_waveform(wave, sample_rate, self.sample_rate).numpy()
+        inputs = self.extractor(audio, sampling_rate=self.sample_rate, return_tensors="pt")
+        out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
+        return out.embeddings[0].float().cpu()
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two 1-D embeddings."""
+    a, b = torch.as_tensor(a).flatten().double(), torch.as_tensor(b).flatten().double()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+# =============================================================================================
+# The pipeline
+# =============================================================================================
+def evaluate_generations(
+    items: Sequence[Mapping],
+    output_dir: str | Path,
+    asr: Optional[Callable] = None,
+    judge: Optional[ChatJudge] = None,
+    speaker: Optional[Callable] = None,
+    max_concurrency: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Judges and compares speakers of generated continuations.
+
+    Args:
+        items: ``[{"id", "prompt_audio", "continuation_audio"}]`` (audio file paths).
+        output_dir: ``judgements.jsonl`` is written here (one line per item: transcripts,
+            score, reason, attempts, error, speaker similarity).
+        asr: ``asr(wave, sample_rate) -> str``; required with ``judge``.
+        judge: a ``ChatJudge``; None skips the LLM judge.
+        speaker: ``embed(wave, sample_rate) -> 1-D tensor``; None skips speaker similarity.
+        max_concurrency: judge requests in flight at once.
+        progress: tqdm bars.
+
+    Returns:
+        ``{"llm_judge": mean_ci(...) + {"failed", "rubric"}, "speaker_similarity": mean_ci(...)}``
+        (keys only for what ran).
+    """
+    from llama_mimi_tt.audio import load_audio
+
+    if judge is not None and asr is None:
+        raise ValueError("the LLM judge needs an ASR model to transcribe the audio (set asr)")
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [
+        dict(
+            id=str(it["id"]),
+            prompt_audio=str(it["prompt_audio"]),
+            continuation_audio=str(it["continuation_audio"]),
+        )
+        for it in items
+    ]
+    sr = 16000
+    for row in tqdm(rows, desc="transcribing / embedding", disable=not progress or not rows):
+        if asr is None and speaker is None:
+            break
+        prompt = load_audio(row["prompt_audio"], sr)
+        cont = load_audio(row["continuation_audio"], sr)
+        if asr is not None:
+            row["prompt_text"] = asr(prompt, sr)
+            row["continuation_text"] = asr(cont, sr)
+        if speaker is not None:
+            row["speaker_similarity"] = cosine_similarity(speaker(prompt, sr), speaker(cont, sr))
+    summary = {}
+    if judge is not None:
+
+        def one(row):
+            return judge.judge(row["prompt_text"], row["continuation_text"])
+
+        with ThreadPoolExecutor(max_workers=max(1, max_concurrency)) as pool:
+            verdicts = list(
+                tqdm(pool.map(one, rows), total=len(rows), desc="LLM judge", disable=not progress)
+            )
+        for row, v in zip(rows, verdicts):
+            row.update(
+                judge_score=v["score"],
+                judge_reason=v["reason"],
+                judge_attempts=v["attempts"],
+                judge_error=v["error"],
+                judge_reply=v["reply"],
+            )
+        scores = [r["judge_score"] for r in rows if r["judge_score"] is not None]
+        summary["llm_judge"] = {
+            **mean_ci(scores),
+            "failed": len(rows) - len(scores),
+            "scale": "1-10",
+            "judge_model": judge.model,
+        }
+        if len(rows) - len(scores):
+            log.warning(
+                f"LLM judge: {len(rows) - len(scores)} of {len(rows)} samples failed "
+                "(not counted in the mean; see judge_error in judgements.jsonl)"
+            )
+    if speaker is not None:
+        summary["speaker_similarity"] = mean_ci([r["speaker_similarity"] for r in rows])
+    with open(out_dir / "judgements.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return summary
+
+
+def format_generation_summary(summary: Mapping[str, Mapping]) -> str:
+    """Readable lines for ``evaluate_generations``' summary."""
+    lines = []
+    for name, s in summary.items():
+        if s.get("mean") is None:
+            lines.append(f"{name:<20} no samples")
+            continue
+        ci = (
+            f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s.get("ci_low") is not None else "[n < 2]"
+        )
+        extra = f"  failed {s['failed']}" if "failed" in s else ""
+        lines.append(f"{name:<20} mean {s['mean']:.3f}  95% CI (t) {ci}  n {s['n']}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,290 @@
+"""Evaluate Llama-Mimi: ``tune run llama_mimi_eval --config eval`` (or ``1B_eval``).
+
+Two parts, each optional:
+
+1. Likelihood benchmarks (the paper's): SALMon (acoustic consistency), sWUGGY and sBLIMP
+   (lexical and syntactic knowledge, ZeroSpeech 2021 sLM21), spoken and topic StoryCloze
+   (long-range coherence). Every suite with a ``path`` in ``suites`` is read from its local
+   copy in the published layout, its audio is encoded once through a code cache, every pair is
+   scored in batches, and the accuracy (positive scored above negative) is printed as a table
+   and written to ``results.json`` (summary) and ``pairs.jsonl`` (every pair's scores).
+2. Generation quality, when ``generation.prompts`` is set: a continuation of each prompt is
+   generated, then judged by an LLM from ASR transcripts (1-10 rubric, mean with a 95% t
+   interval) and compared with the prompt's speaker (cosine similarity of speaker embeddings).
+   Every judgement goes to ``judgements.jsonl``, the audio to ``generations/``: the prompt as
+   it was cut (``prompt_seconds``, original audio) and the continuation alone (generated frames
+   decoded by Mimi); the judge and the speaker model compare these two files.
+
+    tune run llama_mimi_eval --config eval suites.salmon.path=/data/salmon_benchmark
+    tune run llama_mimi_eval --config 1B_eval suites.tstorycloze.path=/data/tSC batch_size=32
+
+See ``llama_mimi_tt.evaluation`` (scoring, layouts, ties) and ``llama_mimi_tt.judge`` (rubric,
+retries, confidence intervals) for what is computed.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+
+from llama_mimi_tt._config import resolve_config_argv
+from llama_mimi_tt.evaluation import (
+    SUITES,
+    codec_fingerprint,
+    encode_audio_files,
+    format_table,
+    read_suite,
+    score_pairs,
+    summarize,
+    write_results,
+)
+
+log = utils.get_logger("INFO")
+
+
+def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model from ``cfg.checkpointer``, or with random (seeded) weights when it is null."""
+    with training.set_default_dtype(dtype), device:
+        model = config.instantiate(cfg.model)
+    ckpt_cfg = cfg.get("checkpointer", None)
+    if ckpt_cfg is not None:
+        checkpointer = config.instantiate(ckpt_cfg)
+        state = checkpointer.load_checkpoint()
+        model.load_state_dict(state[training.MODEL_KEY])
+        log.info(f"loaded weights from {ckpt_cfg.get('checkpoint_dir')}")
+    else:
+        log.info(f"no checkpointer: random weights (seed {cfg.seed}), for tests and the demo")
+    return model.eval()
+
+
+def read_suites(cfg: DictConfig) -> dict:
+    """``{key: (spec, pairs, suite_cfg)}`` for every suite with a path, read before any model is
+    built, so that a missing or differently laid out folder fails at once."""
+    out = {}
+    for key, scfg in (cfg.get("suites") or {}).items():
+        if key not in SUITES:
+            raise ValueError(f"unknown suite {key!r} in suites; the suites are {sorted(SUITES)}")
+        if not scfg or not scfg.get("path"):
+            continue
+        options = {k: scfg.get(k) for k in ("subsets", "split") if scfg.get(k) is not None}
+        if "subsets" in options:
+            options["subsets"] = list(options["subsets"])
+        pairs = read_suite(key, scfg.path, **options)
+        if scfg.get("max_pairs"):
+            pairs = pairs[: int(scfg.max_pairs)]
+        out[key] = (SUITES[key], pairs, scfg)
+    return out
+
+
+def run_suites(cfg: DictConfig, suites: dict, model, tokenizer, codec, device) -> dict:
+    """Encode each suite's audio (cached), score its pairs, summarize."""
+    summary, records, skipped_files = {}, [], {}
+    cache_dir = Path(cfg.get("code_cache_dir") or Path(cfg.output_dir) / "codes")
+    fingerprint = codec_fingerprint(codec)
+    for key, (spec, pairs, scfg) in suites.items():
+        mode = scfg.get("mode", spec.reference_mode)
+        markers = scfg.get("include_markers", spec.reference_include_markers)
+        log.info(
+            f"{spec.name}: {len(pairs)} pairs from {scfg.path} (score: {mode}, markers: {markers})"
+        )
+        paths = [p for pair in pairs for p in (pair.positive, pair.negative)]
+        codes, errors = encode_audio_files(
+            paths,
+            codec,
+            cache_file=cache_dir / f"{key}-{fingerprint}.pt",
+            batch_size=cfg.get("encode_batch_size", 8),
+        )
+        skipped_files.update(errors)
+        t0 = time.perf_counter()
+        recs = score_pairs(
+            model,
+            tokenizer,
+            pairs,
+            codes,
+            batch_size=cfg.batch_size,
+            mode=mode,
+            include_markers=markers,
+            max_seconds=cfg.get("max_seconds"),
+            tie_tolerance=cfg.get("tie_tolerance", 0.0),
+            device=device,
+        )
+        dt = max(time.perf_counter() - t0, 1e-9)
+        log.info(
+            f"{spec.name}: scored {len(pairs)} pairs in {dt:.1f} s ({len(pairs) / dt:.1f} pairs/s)"
+        )
+        records += recs
+        suite_summary = summarize(recs)[spec.name]
+        suite_summary.update(mode=mode, include_markers=markers, path=str(scfg.path))
+        summary[spec.name] = suite_summary
+    return {"summary": summary, "records": records, "skipped_files": skipped_files}
+
+
+def read_prompts(source: str, max_prompts=None) -> list:
+    """Prompts for generation: a folder of audio files, or a ``.jsonl`` / ``.csv`` manifest with
+    a ``path`` column (relative to the manifest), optional ``id``, and optional ``continuation``
+    (an existing continuation file: generation is then skipped for that row)."""
+    from llama_mimi_tt.code_cache import AUDIO_EXTENSIONS
+
+    p = Path(str(source)).expanduser()
+    items = []
+    if p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and f.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS
+        )
+        items = [{"id": f.relative_to(p).with_suffix("").as_posix(), "path": str(f)} for f in files]
+    elif p.is_file() and p.suffix.lower() in (".jsonl", ".csv"):
+        import csv
+
+        with open(p, encoding="utf-8", newline="") as f:
+            if p.suffix.lower() == ".csv":
+                rows = list(csv.DictReader(f))
+            else:
+                rows = [json.loads(line) for line in f if line.strip()]
+        for i, row in enumerate(rows):
+            if not row.get("path"):
+                raise ValueError(f"{p}, row {i + 1}: no 'path' (the prompt audio file)")
+            item = {"id": str(row.get("id") or Path(row["path"]).with_suffix("").as_posix())}
+            for col in ("path", "continuation"):
+                if row.get(col):
+                    q = Path(row[col]).expanduser()
+                    item[col] = str(q if q.is_absolute() else p.parent / q)
+            items.append(item)
+    else:
+        raise FileNotFoundError(
+            f"generation.prompts {p} is neither a folder of audio files nor a .jsonl/.csv "
+            "manifest (columns: path, optional id and continuation)"
+        )
+    if not items:
+        raise ValueError(f"generation.prompts {p}: no audio files found")
+    return items[:max_prompts] if max_prompts else items
+
+
+def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -> dict:
+    """Continuations of the prompts, then the LLM judge and speaker similarity."""
+    from llama_mimi_tt.audio import load_audio, save_audio
+    from llama_mimi_tt.generation import SamplingParams, generate
+    from llama_mimi_tt.judge import evaluate_generations, format_generation_summary
+
+    gcfg = cfg.generation
+    prompts = read_prompts(gcfg.prompts, gcfg.get("max_prompts"))
+    gen_dir = output_dir / "generations"
+    sr = codec.sample_rate
+    todo = [p for p in prompts if "continuation" not in p]
+    params = SamplingParams(temperature=gcfg.get("temperature", 0.8), top_k=gcfg.get("top_k", 30))
+    max_frames = round(gcfg.get("max_new_seconds", 10.0) * 12.5)
+    batch = int(gcfg.get("batch_size", 4))
+    failed = []
+    for b0 in range(0, len(todo), batch):
+        group = todo[b0 : b0 + batch]
+        ids = []
+        for item in group:
+            wave = load_audio(item["path"], sr)[: int(gcfg.get("prompt_seconds", 3.0) * sr)]
+            item["prompt_cut"] = str(save_audio(gen_dir / f"{item['id']}_prompt.wav", wave, sr))
+            seq, _ = tokenizer.tokenize(codec.encode(wave, sr))
+            ids.append(torch.tensor(seq[:-1]))  # drop </audio>: the audio goes on
+        out = generate(
+            model,
+            ids,
+            tokenizer.vocab,
+            max_new_frames=max_frames,
+            semantic=params,
+            acoustic=params,
+            seed=[int(gcfg.get("seed", 0)) + b0 + i for i in range(len(group))],
+            min_new_frames=int(gcfg.get("min_new_frames", 0)),
+        )
+        for b, item in enumerate(group):
+            new = out.new_codes(b)
+            if new.shape[-1] == 0:
+                failed.append(item["id"])
+                continue
+            cont = codec.decode(new)
+            item["continuation"] = str(
+                save_audio(gen_dir / f"{item['id']}_continuation.wav", cont, sr)
+            )
+        log.info(f"generated {b0 + len(group)} of {len(todo)} continuations")
+    if failed:
+        log.warning(f"{len(failed)} prompts got no continuation (</audio> at once): {failed[:5]}")
+    items = [
+        {
+            "id": p["id"],
+            "prompt_audio": p.get("prompt_cut", p["path"]),
+            "continuation_audio": p["continuation"],
+        }
+        for p in prompts
+        if "continuation" in p
+    ]
+    asr = config.instantiate(gcfg.asr) if gcfg.get("asr") else None
+    judge = config.instantiate(gcfg.judge) if gcfg.get("judge") else None
+    speaker = config.instantiate(gcfg.speaker) if gcfg.get("speaker") else None
+    summary = evaluate_generations(
+        items, output_dir, asr=asr, judge=judge, speaker=speaker,
+        max_concurrency=int(gcfg.get("max_concurrency", 4)),
+    )  # fmt: skip
+    summary["no_continuation"] = len(failed)
+    print(format_generation_summary({k: v for k, v in summary.items() if isinstance(v, dict)}))
+    return summary
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    training.set_seed(seed=cfg.get("seed", 0))
+    device = utils.get_device(cfg.get("device", "cpu"))
+    dtype = training.get_dtype(cfg.get("dtype", "fp32"), device)
+    output_dir = Path(cfg.output_dir)
+    suites = read_suites(cfg)  # layout errors before anything heavy is built
+    gen_on = bool(cfg.get("generation") and cfg.generation.get("prompts"))
+    if not suites and not gen_on:
+        raise ValueError(
+            "nothing to evaluate: set the path of at least one suite (suites.salmon.path, "
+            "suites.swuggy.path, suites.sblimp.path, suites.sstorycloze.path, "
+            "suites.tstorycloze.path) or generation.prompts"
+        )
+    tokenizer = config.instantiate(cfg.tokenizer)
+    model = load_model(cfg, device, dtype)
+    codec = config.instantiate(cfg.codec)
+    if codec.num_quantizers < tokenizer.vocab.num_quantizers:
+        raise ValueError(
+            f"the codec gives {codec.num_quantizers} levels but the tokenizer expects "
+            f"num_quantizers={tokenizer.vocab.num_quantizers}"
+        )
+    results = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    if suites:
+        out = run_suites(cfg, suites, model, tokenizer, codec, device)
+        results["skipped_files"] = out["skipped_files"]
+        res_path, pairs_path = write_results(
+            output_dir, out["summary"], out["records"], {k: v for k, v in results.items()}
+        )
+        print(format_table(out["summary"]))
+        log.info(f"results: {res_path}; every pair: {pairs_path}")
+        results["suites"] = out["summary"]
+    if gen_on:
+        results["generation"] = run_generation(cfg, model, tokenizer, codec, output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    metric_cfg = cfg.get("metric_logger")
+    if metric_cfg is not None:
+        metric_logger = config.instantiate(metric_cfg)
+        scalars = {}
+        for name, s in results.get("suites", {}).items():
+            scalars[f"{name}/accuracy"] = s["overall"]["accuracy"]
+            for sub, st in s["subsets"].items():
+                if len(s["subsets"]) > 1 and st["accuracy"] is not None:
+                    scalars[f"{name}/{sub}/accuracy"] = st["accuracy"]
+        for name in ("llm_judge", "speaker_similarity"):
+            g = results.get("generation", {}).get(name)
+            if g and g.get("mean") is not None:
+                scalars[f"{name}/mean"] = g["mean"]
+        if scalars:
+            metric_logger.log_dict({k: v for k, v in scalars.items() if v is not None}, step=0)
+        metric_logger.close()
+
+
+if __name__ == "__main__":
+    sys.argv = resolve_config_argv(sys.argv)
+    sys.exit(recipe_main())
