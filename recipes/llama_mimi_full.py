@@ -31,16 +31,17 @@ class LlamaMimiFullDistributed(LlamaMimiTrainingMixin, _distributed.FullFinetune
         # torchtune logs CUDA memory stats here unconditionally; a CPU (gloo) run has none
         if self._device.type != "cpu":
             return super()._setup_model(*args, **kwargs)
-        with mock.patch.object(training, "get_memory_stats", lambda device: {}):
+        with (
+            mock.patch.object(training, "get_memory_stats", lambda device: {}),
+            mock.patch.object(training, "log_memory_stats", lambda stats: None),
+        ):
             return super()._setup_model(*args, **kwargs)
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     distributed = training.is_distributed()
-    return instantiate_recipe(
-        LlamaMimiFullDistributed if distributed else LlamaMimiFullSingleDevice, cfg
-    )
+    instantiate_recipe(LlamaMimiFullDistributed if distributed else LlamaMimiFullSingleDevice, cfg)
 
 
 if __name__ == "__main__":
