@@ -58,11 +58,16 @@ def check_audio_setup(model, tokenizer, loss_fn) -> None:
             f"{vocab.size} (T={vocab.text_vocab_size} + 2048 * Q + 2): build the model with the "
             "same num_quantizers and text_vocab_size as the tokenizer"
         )
-    need = 2 + vocab.num_quantizers
-    if tokenizer.max_seq_len is not None and tokenizer.max_seq_len < need:
+
+
+def check_max_seq_len(cfg_tokenizer: DictConfig) -> None:
+    """A sequence holds at least <|begin_of_text|>, <audio> and one frame of Q codes."""
+    max_seq_len = cfg_tokenizer.get("max_seq_len", None)
+    q = cfg_tokenizer.get("num_quantizers", 4)
+    if max_seq_len is not None and max_seq_len < 2 + q:
         raise ValueError(
-            f"max_seq_len={tokenizer.max_seq_len} is too short for one frame: a sequence needs "
-            f"at least {need} tokens (<|begin_of_text|>, <audio> and Q={vocab.num_quantizers} codes)"
+            f"max_seq_len={max_seq_len} is too short for one frame: a sequence needs at least "
+            f"{2 + q} tokens (<|begin_of_text|>, <audio> and Q={q} codes)"
         )
 
 
@@ -82,6 +87,7 @@ class LlamaMimiTrainingMixin:
                 "optimizer_in_bwd is not supported by the Llama-Mimi recipes: set "
                 "optimizer_in_bwd=False (use gradient_accumulation_steps or a paged optimizer)"
             )
+        check_max_seq_len(cfg.tokenizer)  # before anything heavy is loaded
         super().setup(cfg)
         check_audio_setup(self._model, self._tokenizer, self._loss_fn)
         self._rank_zero = not _distributed() or dist.get_rank() == 0
@@ -97,6 +103,13 @@ class LlamaMimiTrainingMixin:
                 batch_size=val.get("batch_size", cfg.batch_size),
                 collate_fn=cfg.get("collate_fn", "torchtune.data.padded_collate_sft"),
             )
+            if len(self._val_dataloader) == 0:
+                raise ValueError(
+                    "validation is on (validation.every_n_steps > 0) but its split gives no "
+                    f"batch of {val.get('batch_size', cfg.batch_size)}: raise "
+                    "validation.dataset.val_fraction (and dataset.val_fraction with it), lower "
+                    "validation.batch_size, or set validation.every_n_steps=0"
+                )
         self.loss_history = []  # (step, loss) of this run, for tests and the demo's plot
 
     # ---- one forward: loss (token mean) and the level sums --------------------------------

@@ -218,3 +218,35 @@ def test_resume_continues_exactly(workdir):
     print(
         f"resume: {len(resumed.loss_history)} steps after the restart match the uninterrupted run"
     )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"num_quantizers": 8}, r"num_quantizers=8.*only 4 levels"),  # config Q > cache Q
+        ({"max_seq_len": 5}, r"max_seq_len=5 is too short for one frame"),
+        ({"base_dir": "/nonexistent/llama"}, r"/nonexistent/llama"),
+        ({"loss.num_quantizers": 2}, r"loss is set up for num_quantizers=2"),
+    ],
+)
+def test_mismatches_fail_before_training(workdir, args, message):
+    cfg = load_cfg("tiny_full", overrides(workdir, workdir / "bad", **args))
+    import llama_mimi_full
+
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        llama_mimi_full.LlamaMimiFullSingleDevice(cfg=cfg).setup(cfg=cfg)
+
+
+def test_checkpoint_of_another_q_is_refused(workdir):
+    """A Llama-Mimi checkpoint made for Q = 4 given to a Q = 2 config."""
+    from tests.hf_fixtures import make_tiny_hf_llama
+
+    released = make_tiny_hf_llama(workdir / "mimi_q4", extended_num_quantizers=4)
+    cfg = load_cfg(
+        "tiny_full",
+        overrides(workdir, workdir / "badq", base_dir=str(released), num_quantizers=2),
+    )
+    import llama_mimi_full
+
+    with pytest.raises(ValueError, match=r"num_quantizers=4 but the config says num_quantizers=2"):
+        llama_mimi_full.LlamaMimiFullSingleDevice(cfg=cfg).setup(cfg=cfg)
