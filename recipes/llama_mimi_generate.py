@@ -1,0 +1,338 @@
+"""Speech continuation with Llama-Mimi: ``tune run llama_mimi_generate --config generate``.
+
+Prompt audio files (any rate, any channel count), prompt codes (``.pt`` / ``.npy``) and/or a
+text prompt (tts models only) -> continuation .wav files. Every prompt gets ``num_samples``
+samples, all generated in one batch (``batch_size`` caps it). Sample ``k`` of any prompt uses
+seed ``seed + k``, so a prompt run alone or with others gives the same audio.
+
+Outputs in ``output_dir``, per prompt ``<name>`` and sample ``k``:
+
+    <name>_s<k>_continuation.wav   the generated frames, decoded alone
+    <name>_s<k>_full.wav           prompt + continuation, decoded together
+    <name>_s<k>_codes.pt           the generated codes [Q, F] (int64; usable as prompt_codes)
+    summary.json                   frames, seconds, tokens/s, real-time factor per run and sample
+
+With ``streaming: True`` the continuation is decoded by Mimi's streaming decoder and appended
+to ``<name>_s<k>_continuation.wav`` frame by frame while generating (flushed after each frame);
+it equals the non-streaming decode within 1e-5 (float) / 1 LSB (16-bit file).
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import soundfile as sf
+import torch
+from omegaconf import DictConfig, ListConfig
+from torchtune import config, training, utils
+from tqdm import tqdm
+
+from llama_mimi_tt._config import resolve_config_argv
+from llama_mimi_tt.audio import save_audio
+from llama_mimi_tt.generation import FRAME_RATE, SamplingParams, generate
+
+log = utils.get_logger("INFO")
+
+
+@dataclass
+class Prompt:
+    name: str
+    ids: torch.Tensor  # <bos> [text] <audio> frames
+    codes: torch.Tensor  # [Q, F] prompt audio (F may be 0)
+    text: Optional[str]
+
+
+# ---- setup ------------------------------------------------------------------------------------
+def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model from ``cfg.checkpointer``, or random (seeded) weights when it is null."""
+    torch.manual_seed(cfg.seed)
+    with training.set_default_dtype(dtype), device:
+        model = config.instantiate(cfg.model)
+    ckpt_cfg = cfg.get("checkpointer", None)
+    if ckpt_cfg is not None:
+        state = config.instantiate(ckpt_cfg).load_checkpoint()
+        model.load_state_dict(state[training.MODEL_KEY])
+        log.info(f"loaded weights from {ckpt_cfg.get('checkpoint_dir')}")
+    else:
+        log.warning(
+            "!!! checkpointer is null: the model has RANDOM weights (seed "
+            f"{cfg.seed}). The outputs are NOT speech: this run only exercises the pipeline. !!!"
+        )
+    return model.eval()
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, ListConfig)):
+        return list(value)
+    return [value]
+
+
+def load_codes_file(path: str, codec) -> torch.Tensor:
+    """Codes ``[Q', F]`` (Q' >= Q; the first Q levels are kept) from ``.pt`` or ``.npy``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt codes file not found: {p}")
+    try:
+        if p.suffix == ".npy":
+            codes = torch.from_numpy(np.load(p, allow_pickle=False))
+        else:
+            codes = torch.load(p, map_location="cpu", weights_only=True)
+            if isinstance(codes, dict):
+                codes = codes.get("codes")
+    except Exception as e:  # unpickling / format errors come in many types
+        raise ValueError(f"{p}: cannot read prompt codes ({e})") from e
+    if not isinstance(codes, torch.Tensor):
+        raise ValueError(f"{p}: expected a tensor of codes [Q, F] (or a dict with 'codes')")
+    if codes.dim() == 1 and codec.num_quantizers == 1:
+        codes = codes[None]
+    if codes.dim() != 2 or codes.shape[0] < codec.num_quantizers:
+        raise ValueError(
+            f"{p}: expected codes of shape [Q >= {codec.num_quantizers}, frames], "
+            f"got {tuple(codes.shape)}"
+        )
+    if codes.shape[1] == 0:
+        raise ValueError(f"{p}: the prompt codes have no frames")
+    return codec.check_codes(codes[: codec.num_quantizers], name=str(p))
+
+
+def check_text_side(cfg: DictConfig) -> List[str]:
+    """The text prompts; a clear error when the model has no text side."""
+    texts = [str(t) for t in _as_list(cfg.get("prompt_text"))]
+    if texts and not cfg.get("model_has_text", False):
+        raise ValueError(
+            "prompt_text is given but this config's model has no text side "
+            "(model_has_text: False): it was trained on audio only (a2a) and a text prompt "
+            "would be silently meaningless. Drop prompt_text, or set model_has_text=True for a "
+            "model fine-tuned on the tts task."
+        )
+    return texts
+
+
+def build_prompts(cfg: DictConfig, tokenizer, codec) -> List[Prompt]:
+    """Prompts from ``prompt_audio``, ``prompt_codes`` and ``prompt_text``.
+
+    One prompt per audio or codes file. ``prompt_text`` (tts models only) is one string for
+    every prompt, or one string per prompt; with no audio or codes, each string is a text-only
+    prompt. With nothing at all, one unconditional prompt ``<bos> <audio>``.
+    """
+    vocab = tokenizer.vocab
+    audio = [("audio", str(p)) for p in _as_list(cfg.get("prompt_audio"))]
+    codes = [("codes", str(p)) for p in _as_list(cfg.get("prompt_codes"))]
+    texts = check_text_side(cfg)
+    sources = audio + codes
+    if not sources:
+        sources = [("text", None)] * len(texts) if texts else [("uncond", None)]
+    if len(texts) > 1 and len(texts) != len(sources):
+        raise ValueError(
+            f"{len(texts)} prompt_text strings for {len(sources)} audio/codes prompts: give one "
+            "string for all of them or one per prompt"
+        )
+    prompts, seen = [], {}
+    for i, (kind, path) in enumerate(sources):
+        text = texts[i] if len(texts) > 1 else (texts[0] if texts else None)
+        if text is not None and not text.strip():
+            raise ValueError(f"prompt_text {i} is empty")
+        if kind == "audio":
+            c = codec.encode_file(path)
+            if c.shape[-1] == 0:
+                raise ValueError(f"{path}: too short for one Mimi frame")
+        elif kind == "codes":
+            c = load_codes_file(path, codec)
+        else:
+            c = torch.zeros(vocab.num_quantizers, 0, dtype=torch.long)
+        name = Path(path).stem if path else ("uncond" if kind == "uncond" else f"text{i}")
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:  # the same file (or file name) twice: codes, codes_1, ...
+            name = f"{name}_{seen[name] - 1}"
+        ids = [tokenizer.bos_id]
+        if text is not None:
+            ids += tokenizer.encode(text, add_bos=False, add_eos=False)
+        ids = torch.cat([torch.tensor(ids + [vocab.audio_start_id]), vocab.encode(c)])
+        prompts.append(Prompt(name=name, ids=ids, codes=c, text=text))
+    return prompts
+
+
+def check_context(prompts: List[Prompt], max_new_frames: int, max_seq_len: int, q: int):
+    """A clear error for a prompt that leaves no room for the requested frames."""
+    for p in prompts:
+        if len(p.ids) + max_new_frames * q > max_seq_len:
+            room = (max_seq_len - max_new_frames * q - len(p.ids) + len(p.codes[0]) * q) // q
+            raise ValueError(
+                f"prompt {p.name!r} is too long: {len(p.ids)} tokens ({p.codes.shape[-1]} frames) "
+                f"+ {max_new_frames * q} new tokens ({max_new_frames / FRAME_RATE:.2f} s) exceed "
+                f"the context of max_seq_len={max_seq_len}. Lower max_seconds or use at most "
+                f"{max(room, 0)} prompt frames ({max(room, 0) / FRAME_RATE:.2f} s)."
+            )
+
+
+# ---- streaming ------------------------------------------------------------------------------
+class StreamingWriter:
+    """Decodes each generated frame of a batch with Mimi's streaming state (batched) and
+    appends it to one .wav per sample, flushing after every frame."""
+
+    def __init__(self, codec, vocab, paths: List[Path]):
+        self.codec, self.vocab = codec, vocab
+        self.files = [
+            sf.SoundFile(str(p), "w", samplerate=codec.sample_rate, channels=1, subtype="PCM_16")
+            for p in paths
+        ]
+        self._ctx = codec.model.streaming(batch_size=len(paths))
+        self._ctx.__enter__()
+
+    def __call__(self, frame_index: int, frame_ids: torch.Tensor, active: torch.Tensor):
+        ids = frame_ids.cpu()
+        active = active.cpu().tolist()
+        first_ids = self.vocab.audio_offset + torch.arange(ids.shape[-1])  # code 0 of each level
+        ids = torch.where(self.vocab.is_audio(ids), ids, first_ids)  # rows that stopped
+        codes = self.vocab.decode(ids)  # [B, Q, 1]
+        with torch.inference_mode():
+            wave = self.codec.model.decode(codes.to(self.codec.device)).float().cpu()
+        for f, w, a in zip(self.files, wave, active):
+            if a:
+                f.write(np.clip(w[0].numpy(), -1.0, 1.0))
+                f.flush()
+
+    def close(self):
+        self._ctx.__exit__(None, None, None)
+        for f in self.files:
+            f.close()
+
+
+# ---- main -----------------------------------------------------------------------------------
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    check_text_side(cfg)  # before the (slow) codec and model
+    device = utils.get_device(cfg.get("device", "cpu"))
+    dtype = training.get_dtype(cfg.get("dtype", "fp32"), device)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = config.instantiate(cfg.tokenizer)
+    vocab = tokenizer.vocab
+    codec = config.instantiate(cfg.codec)
+    if str(cfg.codec.get("path")) == "random":
+        log.warning("!!! codec.path=random: an UNTRAINED Mimi decodes the codes. !!!")
+    if codec.num_quantizers != vocab.num_quantizers:
+        raise ValueError(
+            f"the codec has num_quantizers={codec.num_quantizers} but the tokenizer "
+            f"{vocab.num_quantizers}: set both from one num_quantizers"
+        )
+    prompts = build_prompts(cfg, tokenizer, codec)
+    max_new_frames = int(cfg.max_seconds * FRAME_RATE)
+    if max_new_frames < 1:
+        raise ValueError(f"max_seconds={cfg.max_seconds} is shorter than one frame (0.08 s)")
+    model = load_model(cfg, device, dtype)
+    check_context(prompts, max_new_frames, model.max_seq_len, vocab.num_quantizers)
+
+    num_samples = int(cfg.get("num_samples", 1))
+    jobs = [(p, k) for p in prompts for k in range(num_samples)]
+    batch_size = int(cfg.get("batch_size") or len(jobs))
+    semantic = SamplingParams(**cfg.get("semantic", {}))
+    acoustic = SamplingParams(**cfg.get("acoustic", {}))
+    streaming = bool(cfg.get("streaming", False))
+    log.info(
+        f"{len(prompts)} prompt(s) x {num_samples} sample(s), up to {cfg.max_seconds} s each; "
+        f"semantic {semantic}, acoustic {acoustic}{', streaming' if streaming else ''}"
+    )
+
+    records, totals = [], dict(tokens=0, frames=0, wall_s=0.0, prefill_s=0.0, decode_s=0.0)
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        stems = [out_dir / f"{p.name}_s{k}" for p, k in batch]
+        bar = tqdm(total=max_new_frames, desc="frames", unit="frame")
+        writer = None
+        if streaming:
+            writer = StreamingWriter(codec, vocab, [Path(f"{s}_continuation.wav") for s in stems])
+
+        def on_frame(i, frame_ids, active, writer=writer, bar=bar):
+            if writer is not None:
+                writer(i, frame_ids, active)
+            bar.update(1)
+
+        try:
+            out = generate(
+                model,
+                [p.ids for p, _ in batch],
+                vocab,
+                max_new_frames,
+                semantic=semantic,
+                acoustic=acoustic,
+                seed=[int(cfg.seed) + k for _, k in batch],
+                stop_at_end=bool(cfg.get("stop_at_end", True)),
+                min_new_frames=int(cfg.get("min_new_frames", 0)),
+                compile=bool(cfg.get("compile", False)),
+                on_frame=on_frame,
+            )
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+
+        for b, ((p, k), stem) in enumerate(zip(batch, stems)):
+            new = out.new_codes(b)
+            torch.save(new.clone(), f"{stem}_codes.pt")
+            if not streaming:
+                wave = codec.decode(new) if new.shape[-1] else torch.zeros(1, 0)
+                save_audio(f"{stem}_continuation.wav", wave, codec.sample_rate)
+            full = torch.cat([p.codes, new], dim=-1)
+            wave = codec.decode(full) if full.shape[-1] else torch.zeros(1, 0)
+            save_audio(f"{stem}_full.wav", wave, codec.sample_rate)
+            records.append(
+                dict(
+                    name=p.name,
+                    sample=k,
+                    seed=int(cfg.seed) + k,
+                    text=p.text,
+                    prompt_frames=int(p.codes.shape[-1]),
+                    frames=out.num_frames[b],
+                    seconds=out.num_frames[b] / FRAME_RATE,
+                    ended_with_audio_end=out.ended[b],
+                    continuation=f"{stem.name}_continuation.wav",
+                    full=f"{stem.name}_full.wav",
+                    codes=f"{stem.name}_codes.pt",
+                )
+            )
+        totals["tokens"] += out.num_tokens
+        totals["frames"] += sum(out.num_frames)
+        totals["wall_s"] += out.wall_s
+        totals["prefill_s"] += out.prefill_s
+        totals["decode_s"] += out.decode_s
+
+    audio_s = totals["frames"] / FRAME_RATE
+    summary = dict(
+        random_weights=cfg.get("checkpointer", None) is None,
+        num_quantizers=vocab.num_quantizers,
+        max_seconds=float(cfg.max_seconds),
+        streaming=streaming,
+        compile=bool(cfg.get("compile", False)),
+        device=str(device),
+        dtype=str(dtype),
+        tokens=totals["tokens"],
+        frames=totals["frames"],
+        audio_seconds=audio_s,
+        wall_s=totals["wall_s"],
+        prefill_s=totals["prefill_s"],
+        decode_s=totals["decode_s"],
+        tokens_per_s=totals["tokens"] / max(totals["wall_s"], 1e-9),
+        rtf=totals["wall_s"] / audio_s if audio_s else None,
+        samples=records,
+    )
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    rtf = f"{summary['rtf']:.3f}" if summary["rtf"] is not None else "n/a"
+    log.info(
+        f"generated {totals['frames']} frames ({audio_s:.2f} s of audio) in {totals['wall_s']:.2f} s: "
+        f"{summary['tokens_per_s']:.1f} tokens/s, real-time factor {rtf}. Wrote {len(records)} "
+        f"sample(s) to {out_dir} (summary.json)"
+    )
+    if summary["random_weights"]:
+        log.warning("!!! random weights: the .wav files are NOT speech. !!!")
+
+
+if __name__ == "__main__":
+    sys.argv = resolve_config_argv(sys.argv)
+    sys.exit(recipe_main())
