@@ -409,8 +409,9 @@ def generate(
             f"shorten the prompt to at most {model.max_seq_len - max_steps} tokens or ask for fewer frames"
         )
 
-    device = model.tok_embeddings.weight.device
-    dtype = model.tok_embeddings.weight.dtype
+    # not .weight: on a LoRA model that property concatenates the text and audio rows
+    emb = next(model.tok_embeddings.parameters())
+    device, dtype = emb.device, emb.dtype
     if not dtype.is_floating_point:
         dtype = torch.bfloat16
     model.eval()

@@ -28,14 +28,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def embedding_rows(model: torch.nn.Module) -> int:
-    """Number of token ids the model can embed (plain or split text/audio embedding)."""
-    emb = model.tok_embeddings
-    if hasattr(emb, "num_embeddings"):
-        return emb.num_embeddings
-    return sum(p.shape[0] for p in emb.parameters(recurse=False) if p.dim() == 2)
-
-
 def check_audio_setup(model, tokenizer, loss_fn) -> None:
     """Fails before any training step when the pieces disagree on the audio vocabulary."""
     if not isinstance(tokenizer, LlamaMimiTokenizer):
@@ -51,7 +43,7 @@ def check_audio_setup(model, tokenizer, loss_fn) -> None:
             f"num_quantizers={vocab.num_quantizers}, text_vocab_size={vocab.text_vocab_size}: "
             "set both from the same `num_quantizers` in the config"
         )
-    rows = embedding_rows(model)
+    rows = model.tok_embeddings.num_embeddings  # nn.Embedding or the LoRA ExtendedEmbedding
     if rows < vocab.size:
         raise ValueError(
             f"the model embeds {rows} ids but num_quantizers={vocab.num_quantizers} needs "
