@@ -1,0 +1,730 @@
+"""The audio-token dataset: Mimi codes (from a code cache, or encoded on the fly) -> Llama-Mimi
+training sequences, for torchtune's recipes.
+
+``config.instantiate(cfg.dataset, tokenizer)`` with::
+
+    dataset:
+      _component_: llama_mimi_tt.audio_token_dataset
+      source: /data/librispeech_mimi        # a code cache (tune run llama_mimi_tokenize)
+      task: a2a                              # or tts
+      packed: True
+
+Sequences are exactly DESIGN.md's (contract 1)::
+
+    a2a: <|begin_of_text|> <audio> f1q0 f1q1 .. f1q(Q-1) f2q0 .. </audio>
+    tts: <|begin_of_text|> text tokens <audio> frames .. </audio>
+
+Labels are the tokens, with -100 on ``<|begin_of_text|>`` and on the text prompt of tts (the
+recipe shifts labels by one, so ``<audio>`` and every audio token are predicted); padding is
+always -100 (torchtune's collators and packer do that).
+
+Utterances longer than ``max_seq_len`` (``long_utterances``):
+
+- ``split`` (default): the utterance becomes several samples, cut on frame boundaries. The
+  first is as long as fits, without ``</audio>`` (the utterance goes on); each later one is a
+  continuation ``<|begin_of_text|> <audio> frames ..`` (audio only, also in tts: the text
+  belongs to the start) and the last one closes with ``</audio>``. No audio is dropped.
+- ``truncate``: only the first sample is kept (the reference's behaviour).
+
+Packing (``packed=True``): a :class:`AudioPackedDataset`, torchtune's ``PackedDataset`` whose
+``split_across_pack`` cuts a sample that does not fit the rest of a pack on a frame boundary
+and continues it in the next pack with its own ``<|begin_of_text|> <audio>`` header, so every
+document in a pack is well formed and packs are full but for less than one frame.
+
+Splits: ``split="train"`` / ``"validation"`` select utterances by a stable hash of their id,
+``val_fraction`` of them for validation (the pieces of a long file share the id, so they stay
+together). ``split="all"`` keeps everything.
+
+``streaming=True`` gives an ``IterableDataset`` over the parquet shards for corpora larger
+than memory: shards are divided among nodes and ranks with
+``datasets.distributed.split_dataset_by_node`` and shuffled in a buffer; with ``packed=True``
+it packs on the fly into the same packs as ``AudioPackedDataset``. (torchtune 0.6.1's stock
+recipes build a ``DistributedSampler`` and need a map-style dataset; our recipes handle both.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset, IterableDataset
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+from torchtune.datasets import PackedDataset
+from torchtune.utils import get_logger
+from tqdm import tqdm
+
+from llama_mimi_tt.code_cache import (
+    MANIFEST_FILE,
+    PLAN_FILE,
+    cache_shard_files,
+    encode_items,
+    open_audio_source,
+    read_cache_manifest,
+    rows_to_table,
+)
+
+log = get_logger("INFO")
+
+TASKS = ("a2a", "tts")
+LONG_UTTERANCE_RULES = ("split", "truncate")
+SPLITS = ("train", "validation", "all")
+
+
+# ---- which utterances belong to which split -----------------------------------------------
+def validation_mask(ids: Sequence[str], val_fraction: float) -> np.ndarray:
+    """True for the ids held out for validation: ``blake2b(id) / 2**64 < val_fraction``.
+
+    Stable across runs, machines and Python versions, and independent of the order or number
+    of utterances (adding data never moves an utterance from one split to the other)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0.0:
+        return np.zeros(len(ids), dtype=bool)
+    threshold = val_fraction * 2.0**64
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little")
+            < threshold
+            for i in ids
+        ],
+        dtype=bool,
+    )
+
+
+def _select_split(ids: Sequence[str], split: str, val_fraction: float) -> np.ndarray:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "all":
+        return np.ones(len(ids), dtype=bool)
+    if split == "validation" and val_fraction == 0.0:
+        raise ValueError("split='validation' needs val_fraction > 0 (it is 0: no held-out data)")
+    val = validation_mask(ids, val_fraction)
+    return val if split == "validation" else ~val
+
+
+# ---- utterance -> samples -----------------------------------------------------------------
+class SequenceBuilder:
+    """Builds the a2a / tts samples of one utterance (DESIGN.md contract 1), cut on frame
+    boundaries to ``max_seq_len``.
+
+    Args:
+        tokenizer (LlamaMimiTokenizer): gives BOS, the text ids and the audio vocabulary.
+        task (str): ``a2a`` or ``tts``.
+        max_seq_len (Optional[int]): most tokens per sample (``None``: no limit).
+        long_utterances (str): ``split`` or ``truncate`` (see the module docstring).
+    """
+
+    def __init__(self, tokenizer, task: str, max_seq_len: Optional[int], long_utterances: str):
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if long_utterances not in LONG_UTTERANCE_RULES:
+            raise ValueError(
+                f"long_utterances must be one of {LONG_UTTERANCE_RULES}, got {long_utterances!r}"
+            )
+        self.tokenizer = tokenizer
+        self.vocab = tokenizer.vocab
+        self.q = self.vocab.num_quantizers
+        self.task = task
+        self.max_seq_len = max_seq_len
+        self.long_utterances = long_utterances
+        if max_seq_len is not None and max_seq_len < 3 + self.q:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} cannot hold <|begin_of_text|> <audio>, one frame of "
+                f"{self.q} tokens and </audio>"
+            )
+
+    def text_ids(self, text: Optional[str]) -> List[int]:
+        return self.tokenizer.encode(text, add_bos=False, add_eos=False) if text else []
+
+    def plan(self, num_frames: np.ndarray, head_len: np.ndarray):
+        """``(first_frames, num_samples)`` per utterance: frames in the first sample and the
+        number of samples it gives (0 where even one frame does not fit after the text).
+
+        The first sample holds as many frames as fit after the head (as ``tokenize`` cuts);
+        each continuation holds up to ``(max_seq_len - 3) // Q`` frames, room for
+        ``</audio>``, which closes the last one."""
+        f = np.asarray(num_frames, dtype=np.int64)
+        h = np.asarray(head_len, dtype=np.int64)
+        L, q = self.max_seq_len, self.q
+        if L is None:
+            return f, np.ones_like(f)
+        whole = h + 1 + f * q + 1 <= L
+        first = np.maximum((L - h - 1) // q, 0)
+        if self.long_utterances == "truncate":
+            first = np.where(whole, f, np.minimum(first, f))
+            n = np.ones_like(f)
+        else:
+            first = np.where(whole, f, np.minimum(first, f - 1))
+            rest = f - first
+            n = 1 + -(-rest // self._continuation_frames)
+        return first, np.where(first > 0, n, 0)
+
+    @property
+    def _continuation_frames(self) -> int:
+        return (self.max_seq_len - 3) // self.q
+
+    def sample(
+        self, codes: np.ndarray, text_ids: List[int], chunk: int, first_frames: int
+    ) -> Dict[str, Any]:
+        """Sample ``chunk`` of an utterance with codes ``[Q, F]``: ``tokens``, ``labels`` (lists)
+        and ``audio_start`` (index of ``<audio>``)."""
+        n_frames = codes.shape[-1]
+        if chunk == 0:
+            lo, hi, head = 0, first_frames, [self.tokenizer.bos_id] + list(text_ids)
+        else:
+            per = self._continuation_frames
+            lo = first_frames + (chunk - 1) * per
+            hi = min(n_frames, lo + per)
+            head = [self.tokenizer.bos_id]
+        if not 0 <= lo < hi <= n_frames:
+            raise IndexError(f"sample {chunk} of an utterance of {n_frames} frames does not exist")
+        body = self.vocab.encode(np.asarray(codes[:, lo:hi], dtype=np.int64))
+        a = len(head)
+        closing = hi == n_frames and (
+            self.max_seq_len is None or a + 2 + body.size <= self.max_seq_len
+        )
+        tokens = head + [self.vocab.audio_start_id] + body.tolist()
+        if closing:
+            tokens.append(self.vocab.audio_end_id)
+        labels = [CROSS_ENTROPY_IGNORE_IDX] * a + tokens[a:]
+        return {"tokens": tokens, "labels": labels, "audio_start": a}
+
+
+def _check_codes(codes: np.ndarray, codebook_size: int, where: str) -> None:
+    if codes.size and int(codes.max()) >= codebook_size:
+        level, frame = (int(i) for i in np.argwhere(codes >= codebook_size)[0])
+        raise ValueError(
+            f"{where}: code {int(codes[level, frame])} at [level {level}, frame {frame}] is "
+            f"outside the codebook (0..{codebook_size - 1}); the cache is corrupt or was not "
+            "made by llama_mimi_tokenize. Rebuild it."
+        )
+
+
+def _codes_of(flat: np.ndarray, cache_q: int, num_frames: int, q: int, where: str) -> np.ndarray:
+    if flat.size != cache_q * num_frames:
+        raise ValueError(
+            f"{where}: {flat.size} codes stored for {num_frames} frames of {cache_q} levels; "
+            "the cache is corrupt. Rebuild it."
+        )
+    return flat[: q * num_frames].reshape(q, num_frames)
+
+
+# ---- map-style ----------------------------------------------------------------------------
+class AudioTokenDataset(Dataset):
+    """Map-style dataset of Llama-Mimi samples over an Arrow-backed ``datasets.Dataset`` of
+    code rows (memory-mapped: codes are read per item, never all at once).
+
+    Args:
+        rows (datasets.Dataset): rows with the code-cache columns (``code_cache.SHARD_SCHEMA``).
+        tokenizer (LlamaMimiTokenizer): its ``num_quantizers`` (Q) must be <= ``cache_q``.
+        cache_q (int): levels stored per frame in ``rows``.
+        task, max_seq_len, long_utterances: see :class:`SequenceBuilder`.
+        split (str), val_fraction (float): held-out selection, see :func:`validation_mask`.
+        drop_empty_text (bool): tts only; skip (and count) utterances without text instead of
+            raising.
+        name (str): how errors name the data (the cache path).
+    """
+
+    def __init__(
+        self,
+        rows: datasets.Dataset,
+        tokenizer,
+        *,
+        cache_q: int,
+        task: str = "a2a",
+        max_seq_len: Optional[int] = None,
+        long_utterances: str = "split",
+        split: str = "train",
+        val_fraction: float = 0.0,
+        drop_empty_text: bool = False,
+        name: str = "dataset",
+    ):
+        self.name = name
+        self.builder = SequenceBuilder(tokenizer, task, max_seq_len, long_utterances)
+        self.cache_q = cache_q
+        self.q = _check_q(tokenizer, cache_q, name)
+        self.codebook_size = tokenizer.vocab.codebook_size
+        self.skipped: Dict[str, int] = {}
+
+        if rows._indices is not None:  # a selection: make row i of the table row i
+            rows = rows.flatten_indices()
+        table = rows.data  # Arrow, memory-mapped: only the small columns are read here
+        ids = table.column("id").to_pylist()
+        keep = _select_split(ids, split, val_fraction)
+        head = np.ones(len(ids), dtype=np.int64)
+        if task == "tts":
+            keep &= self._tts_rows(table, keep, drop_empty_text, head)
+        rows_kept = np.flatnonzero(keep)
+        frames = table.column("num_frames").to_numpy()[rows_kept]
+        first, n = self.builder.plan(frames, head[rows_kept])
+        if (n == 0).any():
+            self.skipped["text too long for max_seq_len"] = int((n == 0).sum())
+        ok = n > 0
+        self._rows = rows_kept[ok]
+        self._first = first[ok]
+        self._cum = np.concatenate([[0], np.cumsum(n[ok])])
+        self._data = rows.select_columns(["id", "codes", "num_frames", "text"]).with_format("arrow")
+        for reason, count in self.skipped.items():
+            log.warning(f"{name}: skipped {count} utterances ({reason})")
+        if len(self) == 0:
+            raise ValueError(
+                f"{name}: no samples for split={split!r} task={task!r} "
+                f"(val_fraction={val_fraction}, {len(ids)} rows, skipped: {self.skipped})"
+            )
+
+    def _tts_rows(self, table: pa.Table, keep, drop_empty_text, head) -> np.ndarray:
+        texts = table.column("text").to_pylist()
+        partial = table.column("partial").to_numpy()
+        ok = ~partial
+        if (keep & partial).any():
+            self.skipped[
+                "part of a long file (split or truncated by max_seconds), so the "
+                "text does not match the audio"
+            ] = int((keep & partial).sum())
+        empty = np.array([not (t and t.strip()) for t in texts], dtype=bool) & keep & ok
+        if empty.any():
+            bad_ids = [table.column("id")[int(i)].as_py() for i in np.flatnonzero(empty)[:5]]
+            if not drop_empty_text:
+                raise ValueError(
+                    f"{self.name}: {int(empty.sum())} utterances have no text, which task=tts "
+                    f"needs (first ids: {bad_ids}). Fix the transcripts, use task=a2a, or set "
+                    "drop_empty_text=True to skip them."
+                )
+            self.skipped["empty text"] = int(empty.sum())
+        ok &= ~empty
+        for i in np.flatnonzero(ok & keep):
+            head[i] = 1 + len(self.builder.text_ids(texts[i]))
+        return ok
+
+    def __len__(self) -> int:
+        return int(self._cum[-1])
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index = index % len(self)
+        k = int(np.searchsorted(self._cum, index, side="right")) - 1
+        chunk = index - int(self._cum[k])
+        row = self._data[int(self._rows[k])]
+        uid = row.column("id")[0].as_py()
+        n_frames = row.column("num_frames")[0].as_py()
+        flat = row.column("codes")[0].values.to_numpy(zero_copy_only=False)
+        where = f"{self.name}, utterance {uid}"
+        codes = _codes_of(flat, self.cache_q, n_frames, self.q, where)
+        _check_codes(codes, self.codebook_size, where)
+        text = row.column("text")[0].as_py() if self.builder.task == "tts" and chunk == 0 else None
+        return self.builder.sample(codes, self.builder.text_ids(text), chunk, int(self._first[k]))
+
+
+def _check_q(tokenizer, cache_q: int, name: str) -> int:
+    q = tokenizer.vocab.num_quantizers
+    if q > cache_q:
+        raise ValueError(
+            f"the tokenizer uses num_quantizers={q}, but {name} holds only {cache_q} levels per "
+            f"frame. Use num_quantizers <= {cache_q}, or re-encode the audio with "
+            f"num_quantizers >= {q}."
+        )
+    return q
+
+
+# ---- packing ------------------------------------------------------------------------------
+def pack_frame_aligned(
+    samples,
+    max_seq_len: int,
+    num_quantizers: int,
+    bos_id: int,
+    audio_start_id: int,
+) -> Iterator[Dict[str, list]]:
+    """Greedy packing that splits a sample across packs only on a frame boundary.
+
+    A sample that does not fit the rest of the current pack fills it with its head and as
+    many whole frames as fit; what remains continues in the next pack as
+    ``<|begin_of_text|> <audio> frames ..`` (labels -100 on the BOS). Yields unpadded packs:
+    ``{"tokens", "labels", "input_pos", "seq_lens"}`` lists, as torchtune's PackedDataset
+    builds them."""
+    L, q = max_seq_len, num_quantizers
+
+    def empty():
+        return {"tokens": [], "labels": [], "input_pos": [], "seq_lens": []}
+
+    def add(pack, tokens, labels):
+        pack["tokens"] += tokens
+        pack["labels"] += labels
+        pack["input_pos"] += list(range(len(tokens)))
+        pack["seq_lens"].append(len(tokens))
+
+    pack = empty()
+    for s in samples:
+        tokens, labels, a = s["tokens"], s["labels"], s["audio_start"]
+        if len(tokens) > L:
+            raise ValueError(f"sample of {len(tokens)} tokens is longer than max_seq_len={L}")
+        while tokens is not None:
+            room = L - len(pack["tokens"])
+            if len(tokens) <= room:
+                add(pack, tokens, labels)
+                tokens = None
+            else:
+                frames = (room - a - 1) // q
+                if frames >= 1:
+                    cut = a + 1 + frames * q
+                    add(pack, tokens[:cut], labels[:cut])
+                    tokens = [bos_id, audio_start_id] + tokens[cut:]
+                    labels = [CROSS_ENTROPY_IGNORE_IDX, audio_start_id] + labels[cut:]
+                    a = 1
+                yield pack
+                pack = empty()
+            if len(pack["tokens"]) == L:
+                yield pack
+                pack = empty()
+    if pack["tokens"]:
+        yield pack
+
+
+class AudioPackedDataset(PackedDataset):
+    """torchtune's ``PackedDataset`` (same packs, same ``padded_collate_packed``), with
+    ``split_across_pack=True`` meaning: split on a frame boundary and continue in the next
+    pack with a ``<|begin_of_text|> <audio>`` header (:func:`pack_frame_aligned`).
+    ``split_across_pack=False`` packs whole samples only, as torchtune does."""
+
+    def __init__(
+        self,
+        ds: Dataset,
+        *,
+        max_seq_len: int,
+        num_quantizers: int,
+        bos_id: int,
+        audio_start_id: int,
+        padding_idx: int = 0,
+        max_packs: Optional[int] = None,
+        split_across_pack: bool = True,
+    ):
+        self.num_quantizers = num_quantizers
+        self.bos_id = bos_id
+        self.audio_start_id = audio_start_id
+        super().__init__(
+            ds,
+            max_seq_len=max_seq_len,
+            padding_idx=padding_idx,
+            max_packs=max_packs,
+            split_across_pack=split_across_pack,
+        )
+
+    def _pack(self) -> None:
+        if not self.split_across_pack:
+            return super()._pack()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        samples = tqdm(
+            self.ds,
+            total=len(self.ds),
+            desc="Packing dataset",
+            disable=rank != 0,
+            dynamic_ncols=True,
+        )
+        for pack in pack_frame_aligned(
+            samples, self.max_seq_len, self.num_quantizers, self.bos_id, self.audio_start_id
+        ):
+            self._add_pack(pack)
+            if self._should_stop_packing():
+                break
+
+
+# ---- streaming ----------------------------------------------------------------------------
+class AudioTokenIterableDataset(IterableDataset):
+    """Streams samples (or packs) from the parquet shards of a code cache.
+
+    Rows are read shard by shard (``datasets`` streaming), divided among nodes and ranks with
+    ``split_dataset_by_node`` (whole shards when their number divides by the world size) and
+    among DataLoader workers by ``datasets`` itself, shuffled in a buffer of
+    ``shuffle_buffer`` rows (reseeded by :meth:`set_epoch`). Rows that do not belong to the
+    split, or (tts) have no text or hold only part of a file, are skipped and counted in
+    ``self.skipped`` (per process).
+    """
+
+    def __init__(
+        self,
+        shard_files: Sequence[str],
+        tokenizer,
+        *,
+        cache_q: int,
+        task: str = "a2a",
+        max_seq_len: Optional[int] = None,
+        long_utterances: str = "split",
+        split: str = "train",
+        val_fraction: float = 0.0,
+        packed: bool = False,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        name: str = "dataset",
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split == "validation" and val_fraction == 0.0:
+            raise ValueError("split='validation' needs val_fraction > 0")
+        if packed and max_seq_len is None:
+            raise ValueError("packed=True needs max_seq_len (or tokenizer.max_seq_len)")
+        self.files = list(shard_files)
+        self.tokenizer = tokenizer
+        self.builder = SequenceBuilder(tokenizer, task, max_seq_len, long_utterances)
+        self.cache_q = cache_q
+        self.q = _check_q(tokenizer, cache_q, name)
+        self.split, self.val_fraction = split, val_fraction
+        self.packed = packed
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        if rank is None or world_size is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            else:
+                rank = int(os.environ.get("RANK", 0))
+                world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.world_size = rank, world_size
+        self.name = name
+        self.epoch = 0
+        self.skipped: Dict[str, int] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rows(self):
+        from datasets.distributed import split_dataset_by_node
+
+        ds = datasets.load_dataset("parquet", data_files=self.files, split="train", streaming=True)
+        ds = ds.select_columns(["id", "codes", "num_frames", "text", "partial"])
+        ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        if self.shuffle_buffer:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            ds.set_epoch(self.epoch)
+        return ds
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def samples(self) -> Iterator[Dict[str, Any]]:
+        """The unpacked samples of this rank (and DataLoader worker)."""
+        b = self.builder
+        for row in self._rows():
+            uid = row["id"]
+            if self.split != "all":
+                val = bool(validation_mask([uid], self.val_fraction)[0])
+                if val != (self.split == "validation"):
+                    continue
+            text_ids: List[int] = []
+            if b.task == "tts":
+                if row["partial"]:
+                    self._skip("part of a long file")
+                    continue
+                if not (row["text"] and row["text"].strip()):
+                    self._skip("empty text")
+                    continue
+                text_ids = b.text_ids(row["text"])
+            n_frames = int(row["num_frames"])
+            where = f"{self.name}, utterance {uid}"
+            codes = _codes_of(np.asarray(row["codes"]), self.cache_q, n_frames, self.q, where)
+            _check_codes(codes, self.tokenizer.vocab.codebook_size, where)
+            first, n = b.plan(np.array([n_frames]), np.array([1 + len(text_ids)]))
+            if n[0] == 0:
+                self._skip("text too long for max_seq_len")
+                continue
+            for chunk in range(int(n[0])):
+                yield b.sample(codes, text_ids if chunk == 0 else [], chunk, int(first[0]))
+
+    def __iter__(self):
+        if not self.packed:
+            yield from self.samples()
+            return
+        L = self.builder.max_seq_len
+        vocab = self.tokenizer.vocab
+        pad = PackedDataset.__new__(
+            PackedDataset
+        )  # reuse torchtune's tensor conversion and padding
+        pad.max_seq_len, pad.padding_idx = L, self.tokenizer.pad_id
+        for pack in pack_frame_aligned(
+            self.samples(), L, self.q, self.tokenizer.bos_id, vocab.audio_start_id
+        ):
+            yield pad._pad_pack(pad._convert_to_tensors(pack), padding_idx=pad.padding_idx)
+
+
+# ---- the builder --------------------------------------------------------------------------
+def _is_code_cache(source: str) -> bool:
+    p = Path(str(source)).expanduser()
+    return p.is_dir() and ((p / MANIFEST_FILE).is_file() or (p / PLAN_FILE).is_file())
+
+
+def _build_codec(codec, num_quantizers: int):
+    if codec is None or hasattr(codec, "encode_batch"):
+        return codec
+    if isinstance(codec, (str, os.PathLike)):
+        from llama_mimi_tt.code_cache import mimi_codec
+
+        return mimi_codec(path=str(codec), num_quantizers=num_quantizers)
+    if isinstance(codec, Mapping) and "_component_" in codec:
+        from omegaconf import OmegaConf
+        from torchtune import config
+
+        return config.instantiate(OmegaConf.create(dict(codec)))
+    raise TypeError(
+        f"codec must be a MimiCodec, a weights path or a config with _component_, got {codec!r}"
+    )
+
+
+def _encode_in_memory(source: str, codec, source_options: dict, encode_options: dict):
+    """Raw audio -> an in-memory ``datasets.Dataset`` of code rows (small jobs only)."""
+    src = open_audio_source(source, **source_options)
+    rows, skipped = encode_items(src, src.items, codec, logger=log, **encode_options)
+    if skipped:
+        log.warning(f"{source}: skipped {len(skipped)} of {len(src)} items (see warnings above)")
+    if not rows:
+        raise ValueError(f"{source}: no audio could be encoded ({len(skipped)} items skipped)")
+    return datasets.Dataset(rows_to_table(rows)), int(codec.num_quantizers)
+
+
+def audio_token_dataset(
+    tokenizer,
+    source: str,
+    *,
+    task: str = "a2a",
+    packed: bool = False,
+    max_seq_len: Optional[int] = None,
+    split: str = "train",
+    val_fraction: float = 0.0,
+    streaming: bool = False,
+    codec=None,
+    long_utterances: str = "split",
+    split_across_pack: bool = True,
+    drop_empty_text: bool = False,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+    source_type: str = "auto",
+    source_split: str = "train",
+    audio_column: str = "audio",
+    text_column: Optional[str] = "text",
+    path_column: str = "path",
+    id_column: Optional[str] = "id",
+    max_seconds: Optional[float] = 60.0,
+    long_files: str = "split",
+    batch_size: int = 16,
+):
+    """Llama-Mimi training data, for ``config.instantiate(cfg.dataset, tokenizer)``.
+
+    Args:
+        tokenizer (LlamaMimiTokenizer): builds the ids; its ``num_quantizers`` is the Q used
+            (the first Q levels of the cache).
+        source (str): a code cache directory (``tune run llama_mimi_tokenize``), or, with
+            ``codec``, raw audio (folder, manifest, Hugging Face dataset) encoded in memory
+            at start-up (small jobs: demo, tests, a few hours of audio).
+        task (str): ``a2a`` (audio only) or ``tts`` (text prompt then audio).
+        packed (bool): pack samples into ``max_seq_len`` sequences (AudioPackedDataset).
+        max_seq_len (Optional[int]): defaults to ``tokenizer.max_seq_len``.
+        split (str): ``train``, ``validation`` or ``all``; with ``val_fraction``.
+        val_fraction (float): share of utterance ids held out for validation.
+        streaming (bool): iterate over the shards instead of indexing them (huge corpora).
+        codec: a ``MimiCodec``, a weights path, or a ``_component_`` config (e.g.
+            ``llama_mimi_tt.mimi_codec``); needed only when ``source`` is raw audio.
+        long_utterances (str): ``split`` (more samples, no audio lost) or ``truncate``.
+        split_across_pack (bool): with ``packed``, split samples across packs on frame
+            boundaries (default; near-full packs) or keep samples whole.
+        drop_empty_text (bool): tts only; skip utterances without text instead of raising.
+        shuffle_buffer (int), seed (int): streaming shuffle.
+        cache_dir (Optional[str]): where ``datasets`` keeps its Arrow copy of the shards.
+        source_type, source_split, audio_column, text_column, path_column, id_column,
+        max_seconds, long_files, batch_size: for raw audio, as in llama_mimi_tokenize.
+
+    Returns:
+        AudioTokenDataset, AudioPackedDataset or AudioTokenIterableDataset.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist or is not a code cache (without codec).
+        ValueError: Q larger than the cache holds, codes out of range (when read), empty text
+            in tts mode, bad options.
+    """
+    max_seq_len = max_seq_len if max_seq_len is not None else tokenizer.max_seq_len
+    if packed and max_seq_len is None:
+        raise ValueError("packed=True needs max_seq_len (or the tokenizer's max_seq_len)")
+    is_cache = _is_code_cache(source)
+    name = str(source)
+    if is_cache:
+        info = read_cache_manifest(source)
+        cache_q = int(info["num_quantizers"])
+        _check_q(tokenizer, cache_q, name)
+        files = cache_shard_files(source)
+        if streaming:
+            return AudioTokenIterableDataset(
+                files,
+                tokenizer,
+                cache_q=cache_q,
+                task=task,
+                max_seq_len=max_seq_len,
+                long_utterances=long_utterances,
+                split=split,
+                val_fraction=val_fraction,
+                packed=packed,
+                shuffle_buffer=shuffle_buffer,
+                seed=seed,
+                name=name,
+            )
+        rows = datasets.load_dataset(
+            "parquet", data_files=files, split="train", cache_dir=cache_dir
+        )
+    else:
+        if codec is None:
+            p = Path(str(source)).expanduser()
+            if not p.exists():
+                raise FileNotFoundError(
+                    f"code cache {p} does not exist. Build it with `tune run llama_mimi_tokenize "
+                    f"--config tokenize source=<audio> output_dir={p}` (or give raw audio and a "
+                    "codec to encode in memory)."
+                )
+            raise FileNotFoundError(
+                f"{p} is not a code cache (no {MANIFEST_FILE}). Build one with `tune run "
+                f"llama_mimi_tokenize --config tokenize source={p} output_dir=<cache>`, or set "
+                "dataset.codec to encode this audio in memory."
+            )
+        if streaming:
+            raise ValueError(
+                "streaming=True reads a code cache; build one with llama_mimi_tokenize"
+            )
+        codec = _build_codec(codec, tokenizer.vocab.num_quantizers)
+        rows, cache_q = _encode_in_memory(
+            source,
+            codec,
+            dict(
+                source_type=source_type,
+                split=source_split,
+                audio_column=audio_column,
+                text_column=text_column,
+                path_column=path_column,
+                id_column=id_column,
+            ),
+            dict(max_seconds=max_seconds, long_files=long_files, batch_size=batch_size),
+        )
+    ds = AudioTokenDataset(
+        rows,
+        tokenizer,
+        cache_q=cache_q,
+        task=task,
+        max_seq_len=max_seq_len,
+        long_utterances=long_utterances,
+        split=split,
+        val_fraction=val_fraction,
+        drop_empty_text=drop_empty_text,
+        name=name,
+    )
+    if not packed:
+        return ds
+    return AudioPackedDataset(
+        ds,
+        max_seq_len=max_seq_len,
+        num_quantizers=ds.q,
+        bos_id=tokenizer.bos_id,
+        audio_start_id=tokenizer.vocab.audio_start_id,
+        padding_idx=tokenizer.pad_id,
+        split_across_pack=split_across_pack,
+    )

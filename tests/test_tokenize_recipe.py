@@ -1,0 +1,119 @@
+"""`tune run llama_mimi_tokenize` as a user runs it: killed with SIGKILL mid-run, run again,
+and the cache is complete, equal to encoding the files directly, with no file encoded twice."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import soundfile as sf
+import torch
+
+from llama_mimi_tt import audio_token_dataset, llama_mimi_tokenizer
+from llama_mimi_tt.audio import load_audio, synthetic_audio
+from llama_mimi_tt.code_cache import MANIFEST_FILE, mimi_codec
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE = str(Path(sys.executable).with_name("tune"))
+SECONDS = [0.5, 0.3, 0.6, 0.4]
+
+
+class _LoggingCodec:
+    """The random codec; appends a hash of every waveform to $LMTT_ENCODE_LOG and sleeps
+    $LMTT_SLEEP seconds after each batch (so that a test can kill it mid-run)."""
+
+    def __init__(self, codec):
+        self.codec = codec
+        self.num_quantizers, self.codebook_size = codec.num_quantizers, codec.codebook_size
+        self.sample_rate, self.frame_rate = codec.sample_rate, codec.frame_rate
+
+    def encode_batch(self, waves, sample_rate, batch_size=8):
+        out = self.codec.encode_batch(waves, sample_rate, batch_size=batch_size)
+        with open(os.environ["LMTT_ENCODE_LOG"], "a") as f:
+            f.writelines(hashlib.sha1(w.numpy().tobytes()).hexdigest() + "\n" for w in waves)
+        time.sleep(float(os.environ.get("LMTT_SLEEP", "0")))
+        return out
+
+
+def logging_codec(path="random", num_quantizers=4, device="cpu", seed=0):
+    torch.set_num_threads(1)  # small convolutions on a shared machine
+    return _LoggingCodec(mimi_codec(path, num_quantizers, device, seed))
+
+
+def _tune(source, out, log, sleep, **kw):
+    cmd = [TUNE, "run", "llama_mimi_tokenize", "--config", "tokenize", f"source={source}"]
+    cmd += [f"output_dir={out}", "codec._component_=tests.test_tokenize_recipe.logging_codec"]
+    cmd += ["codec.path=random", "num_quantizers=4", "shard_size=1", "batch_size=1"]
+    env = dict(os.environ, LMTT_ENCODE_LOG=str(log), LMTT_SLEEP=str(sleep), OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_tune_run_killed_then_resumed(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i, s in enumerate(SECONDS):
+        sf.write(audio / f"u{i}.wav", synthetic_audio(s, 22050, seed=i)[0].numpy(), 22050)
+    (audio / "broken.wav").write_bytes(b"RIFF....WAVE garbage")
+    out, log = tmp_path / "cache", tmp_path / "encoded.log"
+
+    # 1. killed (SIGKILL, no cleanup) once the first encoded shard is written (shard 0 is
+    # broken.wav alone: no codes)
+    proc = _tune(audio, out, log, sleep=1.5)
+    deadline = time.time() + 240
+    while not (out / "shard-00001-of-00005.parquet").exists() and proc.poll() is None:
+        assert time.time() < deadline, "no shard written in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    output = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL, output
+    done_at_kill = sorted(p.name for p in out.glob("shard-*.parquet"))
+    assert 1 <= len(done_at_kill) < 5 and not (out / MANIFEST_FILE).exists()
+    killed_log = log.read_text().split()
+    log.unlink()
+
+    # 2. the same command again finishes the job, and only the job that was left
+    proc = _tune(audio, out, log, sleep=0)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert f"{len(done_at_kill)} already done, {5 - len(done_at_kill)} to encode" in output
+    assert "code cache complete" in output and "skipped 1" in output
+    resumed_log = log.read_text().split()
+    # Shard 0 is broken.wav (skipped, never encoded); shard k >= 1 is u{k-1}.wav, and with
+    # shard_size=1 and batch_size=1 the killed run logged them in shard order.
+    finished = [killed_log[int(n[6:11]) - 1] for n in done_at_kill if n[6:11] != "00000"]
+    assert len(resumed_log) == len(set(resumed_log)) == len(SECONDS) - len(finished)
+    assert not set(finished) & set(resumed_log)  # finished work is never redone
+    assert len(set(finished) | set(resumed_log)) == len(SECONDS)
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+    info = json.loads((out / MANIFEST_FILE).read_text())
+    assert info["counts"]["encoded_items"] == len(SECONDS) and info["counts"]["skipped"] == 1
+    assert info["skipped_by_reason"] == {"unreadable": 1}
+
+    # 3. the cache holds exactly the codes of encoding each file directly
+    codec = logging_codec().codec
+    files = sorted(audio.glob("u*.wav"))
+    rows = {}
+    for shard in sorted(out.glob("shard-*.parquet")):
+        for r in pq.read_table(shard).to_pylist():
+            rows[r["id"]] = r
+    assert sorted(rows) == [f.stem for f in files]
+    for f in files:
+        direct = codec.encode(load_audio(f, 24000), 24000)
+        r = rows[f.stem]
+        stored = np.asarray(r["codes"], dtype=np.int64).reshape(4, r["num_frames"])
+        assert np.array_equal(stored, direct.numpy()), f
+        assert r["path"] == str(f.resolve()) and abs(r["duration"] - sf.info(f).duration) < 1e-3
+
+    # 4. and reads as a dataset
+    tok = llama_mimi_tokenizer("builtin:byte", num_quantizers=4)
+    ds = audio_token_dataset(tok, str(out), split="all", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == len(SECONDS)
