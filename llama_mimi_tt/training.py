@@ -9,12 +9,16 @@ the one-device recipes and the FSDP2 one (all-reduce only when a process group i
 
 import resource
 import time
-from typing import Dict
+from functools import partial
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtune import config, training, utils
+from torchtune.config._utils import _get_component_from_path
+from torchtune.data import padded_collate_packed
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
@@ -70,6 +74,18 @@ def peak_memory_stats(device: torch.device) -> Dict[str, float]:
     return training.get_memory_stats(device=device)
 
 
+class StreamingDataLoader(StatefulDataLoader):
+    """A loader over a streaming (iterable) dataset, whose epoch is ``steps`` batches: torchtune's
+    recipes size an epoch with ``len(dataloader)``, which a stream does not have."""
+
+    def __init__(self, dataset, steps: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+
 class LlamaMimiTrainingMixin:
     """Mixed into a torchtune fine-tuning recipe class (put it first in the bases)."""
 
@@ -103,6 +119,52 @@ class LlamaMimiTrainingMixin:
                     "validation.batch_size, or set validation.every_n_steps=0"
                 )
         self.loss_history = []  # (step, loss) of this run, for tests and the demo's plot
+
+    def _setup_data(
+        self,
+        cfg_dataset: DictConfig,
+        shuffle: bool,
+        batch_size: int,
+        collate_fn: str,
+        dataloader_state_dict: Optional[Dict[str, Any]] = None,
+    ) -> StatefulDataLoader:
+        """torchtune's data setup, plus streaming datasets (``dataset.streaming: True``), which
+        torchtune's samplers cannot index: they shard themselves by rank and shuffle in a buffer."""
+        if not cfg_dataset.get("streaming", False):
+            return super()._setup_data(
+                cfg_dataset, shuffle, batch_size, collate_fn, dataloader_state_dict
+            )
+        if self.max_steps_per_epoch is None:
+            raise ValueError(
+                "dataset.streaming=True has no length: set max_steps_per_epoch (the batches that "
+                "make one epoch on each rank)"
+            )
+        ds = config.instantiate(cfg_dataset, self._tokenizer)
+        if cfg_dataset.get("packed", False):
+            collate = padded_collate_packed
+        else:
+            collate = partial(
+                _get_component_from_path(collate_fn),
+                padding_idx=self._tokenizer.pad_id,
+                ignore_idx=self._loss_fn.ignore_index,
+            )
+        loader = StreamingDataLoader(
+            ds,
+            steps=self.max_steps_per_epoch * self._gradient_accumulation_steps,
+            batch_size=batch_size,
+            collate_fn=collate,
+            drop_last=True,
+        )
+        if dataloader_state_dict is not None:
+            loader.load_state_dict(dataloader_state_dict)
+        return loader
+
+    def _set_epoch(self, epoch: int) -> None:
+        sampler = self._dataloader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        elif hasattr(self._dataloader.dataset, "set_epoch"):  # streaming: reshuffles its buffer
+            self._dataloader.dataset.set_epoch(epoch)
 
     # ---- one forward: loss (token mean) and the level sums --------------------------------
     def _forward_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -189,7 +251,7 @@ class LlamaMimiTrainingMixin:
         stats = torch.zeros(4, device=self._device)
         self._profiler.start()
         for curr_epoch in range(self.epochs_run, self.total_epochs):
-            self._dataloader.sampler.set_epoch(curr_epoch)
+            self._set_epoch(curr_epoch)
             pbar = tqdm(total=self._steps_per_epoch, disable=not self._rank_zero)
             for idx, batch in enumerate(self._dataloader):
                 if idx // self._gradient_accumulation_steps == self._steps_per_epoch:

@@ -250,3 +250,17 @@ def test_checkpoint_of_another_q_is_refused(workdir):
 
     with pytest.raises(ValueError, match=r"num_quantizers=4 but the config says num_quantizers=2"):
         llama_mimi_full.LlamaMimiFullSingleDevice(cfg=cfg).setup(cfg=cfg)
+
+
+def test_streaming_dataset_trains(workdir):
+    """dataset.streaming=True: no sampler, the epoch is max_steps_per_epoch batches."""
+    args = overrides(workdir, workdir / "stream", epochs=2, batch_size=2, max_steps_per_epoch=3)
+    cfg = load_cfg("tiny_full", args + ["dataset.streaming=True"])
+    recipe = _run_in_process("llama_mimi_full", "LlamaMimiFullSingleDevice", cfg)
+    recipe.save_checkpoint = lambda epoch: None
+    recipe.train()
+    recipe.cleanup()
+    assert [s for s, _ in recipe.loss_history] == list(range(1, 7))
+    cfg = load_cfg("tiny_full", args[:-1] + ["dataset.streaming=True", "max_steps_per_epoch=null"])
+    with pytest.raises(ValueError, match="set max_steps_per_epoch"):
+        _run_in_process("llama_mimi_full", "LlamaMimiFullSingleDevice", cfg)
