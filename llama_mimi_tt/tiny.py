@@ -61,9 +61,7 @@ def write_tiny_base_llama(out_dir: str, seed: int = 0) -> Path:
     (out / "original").mkdir(parents=True, exist_ok=True)
     shape = SHAPES["tiny"]
     torch.manual_seed(seed)
-    model = llama3_2(
-        vocab_size=TINY_TEXT_VOCAB_SIZE, max_seq_len=2048, scale_factor=32, **shape
-    )
+    model = llama3_2(vocab_size=TINY_TEXT_VOCAB_SIZE, max_seq_len=2048, scale_factor=32, **shape)
     for p in model.parameters():  # Llama-like init scale, independent of torchtune's defaults
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)

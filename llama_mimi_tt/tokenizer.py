@@ -36,7 +36,8 @@ def _special_tokens_after(num_ranks: int) -> dict:
     """Llama 3's special tokens shifted so that they follow ``num_ranks`` BPE ranks (the real
     file has 128000 ranks, which gives Llama 3's own ids)."""
     return {
-        name: num_ranks + (i - _LLAMA3_FIRST_SPECIAL_ID) for name, i in LLAMA3_SPECIAL_TOKENS.items()
+        name: num_ranks + (i - _LLAMA3_FIRST_SPECIAL_ID)
+        for name, i in LLAMA3_SPECIAL_TOKENS.items()
     }
 
 
@@ -146,9 +147,7 @@ class LlamaMimiTokenizer:
         """``<audio> frames </audio>`` for codes ``[Q, F]``."""
         v = self.vocab
         body = v.encode(torch.as_tensor(codes))
-        return torch.cat(
-            [torch.tensor([v.audio_start_id]), body, torch.tensor([v.audio_end_id])]
-        )
+        return torch.cat([torch.tensor([v.audio_start_id]), body, torch.tensor([v.audio_end_id])])
 
     def tokenize(self, codes, text: Optional[str] = None) -> Tuple[List[int], int]:
         """The a2a (``text is None``) or tts sequence of one utterance.
@@ -218,4 +217,3 @@ def llama_mimi_tokenizer(
         text_vocab_size=text_vocab_size,
         max_seq_len=max_seq_len,
     )
-
