@@ -51,6 +51,8 @@ def machine() -> str:
 
 
 def fmt(x) -> str:
+    if x is None:
+        return "n/a"
     if isinstance(x, float):
         if abs(x) >= 1e5:
             return f"{x:,.0f}"
@@ -104,7 +106,7 @@ def main():
         met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
         lines.append(
             f"| {r['benchmark']} | {r['metric']} | {fmt(r['ours'])} | {fmt(r['peer'])} | "
-            f"{r['peer_name']} | {fmt(r['ratio'])}x | {r['goal']} | {met} |"
+            f"{r['peer_name']} | {fmt(r['ratio'])}{'x' if r['ratio'] is not None else ''} | {r['goal']} | {met} |"
         )
     notes = [f"- {r['benchmark']}: {r['notes']}" for r in rows if r.get("notes")]
     if notes:
