@@ -12,7 +12,12 @@ fi
 stamp=.venv/.llama_mimi_tt_installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[setup] installing llama-mimi-tt and its dependencies into .venv (torch is a large download the first time)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  log=.venv/install.log
+  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e '.[test]'; } >"$log" 2>&1; then
+    tail -n 40 "$log"
+    echo "[setup] pip install failed; full log: $log" >&2
+    exit 1
+  fi
+  echo "[setup] installed (log: $log)"
   touch "$stamp"
 fi
