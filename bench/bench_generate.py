@@ -53,21 +53,14 @@ def _tt_model(shape, vocab_size, max_seq_len=2048):
 
 def _hf_copy(tt_model, shape, vocab_size):
     """transformers' LlamaForCausalLM with the same weights as the torchtune model."""
-    from torchtune.models.convert_weights import tune_to_hf
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama_mimi_tt.tiny import hf_llama_config
+    from llama_mimi_tt.tiny import hf_llama_config, tied_hf_state_dict
 
     cfg = hf_llama_config(shape, vocab_size, tie=True)
     cfg.update(bos_token_id=None, eos_token_id=None, pad_token_id=0)
     hf = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-    sd = {k: v for k, v in tt_model.state_dict().items() if not k.startswith("output.")}
-    sd = tune_to_hf(
-        sd,
-        num_heads=shape["num_heads"],
-        num_kv_heads=shape["num_kv_heads"],
-        dim=shape["embed_dim"],
-    )
+    sd = tied_hf_state_dict(tt_model.state_dict(), shape)
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return hf

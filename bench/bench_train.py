@@ -24,8 +24,8 @@ sys.path.insert(0, str(HERE))
 from bench_packing import librispeech_like_seconds  # noqa: E402
 
 from llama_mimi_tt._config import resolve_config  # noqa: E402
+from llama_mimi_tt.code_cache import write_code_cache  # noqa: E402
 from llama_mimi_tt.tiny import write_tiny_base_llama  # noqa: E402
-from tests.test_data import make_cache  # noqa: E402
 
 MAX_SEQ_LEN = 1024
 
@@ -89,7 +89,7 @@ def run(quick: bool = False) -> list:
     ]
     with tempfile.TemporaryDirectory() as d:
         workdir = Path(d)
-        make_cache(workdir / "codes", utts, q=4, shard_size=100)
+        write_code_cache(workdir / "codes", utts, num_quantizers=4, shard_size=100)
         write_tiny_base_llama(workdir / "base")
         ours, wall_ours, n_ours = _train(workdir, "packed", steps, packed=True)
         peer, wall_peer, n_peer = _train(workdir, "padded", steps, packed=False)

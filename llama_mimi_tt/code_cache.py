@@ -801,3 +801,42 @@ def cache_shard_files(cache_dir: str) -> List[str]:
 def distributed_rank_and_world_size() -> Tuple[int, int]:
     """``(RANK, WORLD_SIZE)`` from torchrun's environment ((0, 1) when not launched by it)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def write_code_cache(
+    output_dir: Path,
+    utterances: Sequence[Dict[str, Any]],
+    num_quantizers: int,
+    shard_size: int = 1000,
+) -> Path:
+    """Writes a finished code cache from codes you already have (no codec): each utterance a dict
+    with ``id``, ``codes`` ``[num_quantizers, frames]`` and optional ``text``, ``segment``,
+    ``partial``. Tests, benchmarks, and codes made by another pipeline use it."""
+    output_dir = Path(output_dir)
+    rows = []
+    for u in utterances:
+        frames = u["codes"].shape[1]
+        rows.append(
+            dict(
+                id=u["id"],
+                segment=u.get("segment", 0),
+                partial=u.get("partial", False),
+                codes=u["codes"],
+                num_frames=frames,
+                text=u.get("text"),
+                path=u.get("path", f"/audio/{u['id']}.wav"),
+                start=0.0,
+                duration=frames / 12.5,
+                source_duration=frames / 12.5,
+            )
+        )
+    shards = [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
+    plan = {"format_version": CACHE_FORMAT_VERSION, "num_quantizers": num_quantizers}
+    plan.update(num_shards=len(shards), codebook_size=2048, sample_rate=24000, frame_rate=12.5)
+    check_or_write_plan(output_dir, plan)
+    for k, shard in enumerate(shards):
+        meta = {"items": len(shard), "encoded_items": len(shard), "rows": len(shard)}
+        write_shard(output_dir / shard_name(k, len(shards)), shard, meta)
+    if finalize_cache(output_dir) is None:
+        raise RuntimeError(f"{output_dir}: the cache did not finalize")
+    return output_dir

@@ -55,6 +55,14 @@ def hf_llama_config(shape: dict, vocab_size: int, tie: bool = True, max_seq_len:
     }
 
 
+def tied_hf_state_dict(state_dict: dict, shape: dict) -> dict:
+    """torchtune -> Hugging Face keys for a tied-embedding model (the output is the embedding)."""
+    sd = {k: v for k, v in state_dict.items() if not k.startswith("output.")}
+    return tune_to_hf(
+        sd, num_heads=shape["num_heads"], num_kv_heads=shape["num_kv_heads"], dim=shape["embed_dim"]
+    )
+
+
 def write_tiny_base_llama(out_dir: str, seed: int = 0) -> Path:
     """Writes the random tiny base Llama 3 checkpoint; returns its directory."""
     out = Path(out_dir)
@@ -65,13 +73,7 @@ def write_tiny_base_llama(out_dir: str, seed: int = 0) -> Path:
     for p in model.parameters():  # Llama-like init scale, independent of torchtune's defaults
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("output.")}
-    hf = tune_to_hf(
-        sd,
-        num_heads=shape["num_heads"],
-        num_kv_heads=shape["num_kv_heads"],
-        dim=shape["embed_dim"],
-    )
+    hf = tied_hf_state_dict(model.state_dict(), shape)
     save_file({k: v.contiguous() for k, v in hf.items()}, out / "model.safetensors")
     config = hf_llama_config(shape, TINY_TEXT_VOCAB_SIZE)
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -14,12 +14,9 @@ from torchtune.datasets import PackedDataset
 
 from llama_mimi_tt import audio_token_dataset, llama_mimi_tokenizer
 from llama_mimi_tt.code_cache import (
-    CACHE_FORMAT_VERSION,
     MANIFEST_FILE,
-    check_or_write_plan,
-    finalize_cache,
     shard_name,
-    write_shard,
+    write_code_cache,
 )
 from llama_mimi_tt.data import (
     AudioPackedDataset,
@@ -32,33 +29,8 @@ TEXTS = ["hello there", "a b c", "speech", "one more line", "x", "mimi codes", "
 
 
 def make_cache(root: Path, utts, q: int = 8, shard_size: int = 3) -> Path:
-    """Writes a finished code cache of ``utts`` (dicts: id, codes [q, F], text, partial)."""
-    rows = []
-    for u in utts:
-        f = u["codes"].shape[1]
-        rows.append(
-            dict(
-                id=u["id"],
-                segment=u.get("segment", 0),
-                partial=u.get("partial", False),
-                codes=u["codes"],
-                num_frames=f,
-                text=u.get("text"),
-                path=f"/audio/{u['id']}.wav",
-                start=0.0,
-                duration=f / 12.5,
-                source_duration=f / 12.5,
-            )
-        )
-    shards = [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
-    plan = {"format_version": CACHE_FORMAT_VERSION, "num_quantizers": q}
-    plan.update(num_shards=len(shards), codebook_size=2048, sample_rate=24000, frame_rate=12.5)
-    check_or_write_plan(root, plan)
-    for k, shard in enumerate(shards):
-        meta = {"items": len(shard), "encoded_items": len(shard), "rows": len(shard)}
-        write_shard(root / shard_name(k, len(shards)), shard, meta)
-    assert finalize_cache(root) is not None
-    return root
+    """A finished code cache of ``utts`` (dicts: id, codes [q, F], text, partial)."""
+    return write_code_cache(root, utts, num_quantizers=q, shard_size=shard_size)
 
 
 def random_utts(n=8, q=8, frames=(3, 40), seed=0, text=True):

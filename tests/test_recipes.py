@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 from llama_mimi_tt import LlamaMimiCheckpointer, llama_mimi_tiny
 from llama_mimi_tt._config import resolve_config
+from llama_mimi_tt.code_cache import write_code_cache
 from llama_mimi_tt.tiny import write_tiny_base_llama
-from tests.test_data import make_cache
 
 TUNE = str(Path(sys.executable).parent / "tune")
 
@@ -35,7 +35,7 @@ def learnable_utts(n=12, q=4, seed=0):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("recipes")
-    make_cache(d / "codes", learnable_utts(), q=4, shard_size=4)
+    write_code_cache(d / "codes", learnable_utts(), num_quantizers=4, shard_size=4)
     write_tiny_base_llama(d / "base")
     return d
 
