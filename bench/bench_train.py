@@ -23,8 +23,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_packing import librispeech_like_seconds  # noqa: E402
 
-from llama_mimi_tt._config import resolve_config  # noqa: E402
 from llama_mimi_tt.code_cache import write_code_cache  # noqa: E402
+from llama_mimi_tt.recipe_config import resolve_config  # noqa: E402
 from llama_mimi_tt.tiny import write_tiny_base_llama  # noqa: E402
 
 MAX_SEQ_LEN = 1024

@@ -3,7 +3,7 @@
 import shutil
 import sys
 
-from llama_mimi_tt._config import available_configs, resolve_config
+from llama_mimi_tt.recipe_config import available_configs, resolve_config
 
 if __name__ == "__main__":
     if len(sys.argv) == 3:

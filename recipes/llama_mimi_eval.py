@@ -31,7 +31,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
-from llama_mimi_tt._config import resolve_config_argv
 from llama_mimi_tt.evaluation import (
     SUITES,
     codec_fingerprint,
@@ -42,6 +41,7 @@ from llama_mimi_tt.evaluation import (
     summarize,
     write_results,
 )
+from llama_mimi_tt.recipe_config import run_recipe
 
 log = utils.get_logger("INFO")
 
@@ -286,5 +286,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = resolve_config_argv(sys.argv)
-    sys.exit(recipe_main())
+    sys.exit(run_recipe(recipe_main, "llama_mimi_eval"))

@@ -14,7 +14,7 @@ from unittest import mock
 from omegaconf import DictConfig
 from torchtune import config, training
 
-from llama_mimi_tt._config import resolve_config_argv
+from llama_mimi_tt.recipe_config import run_recipe
 from llama_mimi_tt.torchtune_recipes import load_torchtune_recipe
 from llama_mimi_tt.training import LlamaMimiTrainingMixin, instantiate_recipe
 
@@ -45,5 +45,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = resolve_config_argv(sys.argv)
-    sys.exit(recipe_main())
+    sys.exit(run_recipe(recipe_main, "llama_mimi_full"))

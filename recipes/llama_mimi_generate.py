@@ -30,9 +30,9 @@ from omegaconf import DictConfig, ListConfig
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from llama_mimi_tt._config import resolve_config_argv
 from llama_mimi_tt.audio import save_audio
 from llama_mimi_tt.generation import FRAME_RATE, SamplingParams, generate
+from llama_mimi_tt.recipe_config import run_recipe
 
 log = utils.get_logger("INFO")
 
@@ -334,5 +334,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = resolve_config_argv(sys.argv)
-    sys.exit(recipe_main())
+    sys.exit(run_recipe(recipe_main, "llama_mimi_generate"))

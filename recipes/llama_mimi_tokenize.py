@@ -29,7 +29,6 @@ from torchtune import config, utils
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from llama_mimi_tt._config import resolve_config_argv
 from llama_mimi_tt.code_cache import (
     CACHE_FORMAT_VERSION,
     LONG_FILE_RULES,
@@ -44,6 +43,7 @@ from llama_mimi_tt.code_cache import (
     shards_of_rank,
     write_shard,
 )
+from llama_mimi_tt.recipe_config import run_recipe
 
 log = utils.get_logger("INFO")
 
@@ -199,5 +199,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = resolve_config_argv(sys.argv)
-    sys.exit(recipe_main())
+    sys.exit(run_recipe(recipe_main, "llama_mimi_tokenize"))

@@ -19,7 +19,6 @@ import torch
 from omegaconf import OmegaConf
 
 from llama_mimi_tt import audio_token_dataset, llama_mimi_tokenizer
-from llama_mimi_tt._config import config_dir
 from llama_mimi_tt.audio import synthetic_audio
 from llama_mimi_tt.code_cache import (
     MANIFEST_FILE,
@@ -29,6 +28,7 @@ from llama_mimi_tt.code_cache import (
     shard_name,
 )
 from llama_mimi_tt.codec import MimiCodec
+from llama_mimi_tt.recipe_config import config_dir
 
 # ---- a shared codec that counts what it encodes ---------------------------------------------
 

@@ -13,8 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from llama_mimi_tt import LlamaMimiCheckpointer, llama_mimi_tiny
-from llama_mimi_tt._config import resolve_config
 from llama_mimi_tt.code_cache import write_code_cache
+from llama_mimi_tt.recipe_config import resolve_config
 from llama_mimi_tt.tiny import write_tiny_base_llama
 
 TUNE = str(Path(sys.executable).parent / "tune")

@@ -1,0 +1,204 @@
+"""Configs of the recipes: short names, typo-proof keys, and the recipes' ``__main__``.
+
+``tune run <recipe> --config <name>`` passes ``--config`` through unchanged, so each recipe
+resolves a short name (``tiny_full``, ``1B_lora_single_device`` ...) to the YAML shipped in this
+package (which also works from a non-editable install).
+
+torchtune merges command-line overrides into the config without asking whether anything reads
+them, so ``epoch=1`` (for ``epochs``) would train with the default. Before any heavy work, every
+key of the merged config is checked: a key of a plain section must be one the recipe knows (those
+of its shipped configs, plus the optional ones it names); a key of a ``_component_`` section must
+be an argument of that component. A top-level key that the config interpolates (``${base_dir}``)
+is a user variable and allowed. A new key on purpose: ``+key=value`` on the command line.
+"""
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Set
+
+from omegaconf import DictConfig, OmegaConf
+
+from llama_mimi_tt.errors import UserError
+
+# the shipped configs of each recipe: their keys are the keys that recipe knows
+RECIPE_CONFIGS: Dict[str, List[str]] = {
+    "llama_mimi_tokenize": ["tokenize"],
+    "llama_mimi_full": ["tiny_full", "1B_full", "8B_full"],
+    "llama_mimi_lora": [
+        "tiny_lora",
+        "1B_lora_single_device",
+        "8B_lora_single_device",
+        "8B_qlora_single_device",
+    ],
+    "llama_mimi_generate": ["generate", "1B_generate"],
+    "llama_mimi_eval": ["eval", "1B_eval"],
+}
+
+DEBUG_ENV = "LLAMA_MIMI_DEBUG"  # set to 1 to see the traceback of an expected error
+
+
+def config_dir() -> Path:
+    return Path(str(resources.files("llama_mimi_tt.configs")))
+
+
+def available_configs() -> List[str]:
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def resolve_config(name: str) -> str:
+    """A path if it exists, else the shipped config of that name; a clear error otherwise."""
+    if Path(name).is_file():
+        return name
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    shipped = config_dir() / f"{stem}.yaml"
+    if shipped.is_file():
+        return str(shipped)
+    raise UserError(
+        f"--config {name!r} is neither a file nor a config shipped with llama_mimi_tt. "
+        f"Shipped configs: {', '.join(available_configs())}. "
+        "Copy one with `python -m llama_mimi_tt.configs <name> <dest.yaml>` to edit it."
+    )
+
+
+# ---- which keys a recipe knows ------------------------------------------------------------------
+def _dotted_keys(node, prefix: str = "") -> Iterable[str]:
+    for k, v in node.items():
+        path = f"{prefix}{k}"
+        yield path
+        if OmegaConf.is_dict(v) and "_component_" not in v:
+            yield from _dotted_keys(v, path + ".")
+
+
+def known_keys(recipe: str, optional: Iterable[str] = ()) -> Set[str]:
+    """Dotted keys of the plain (non-component) sections of the recipe's shipped configs."""
+    keys = set(optional)
+    for name in RECIPE_CONFIGS[recipe]:
+        keys.update(_dotted_keys(OmegaConf.load(config_dir() / f"{name}.yaml")))
+    return keys
+
+
+def _component(path: str):
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"_component_ {path!r} cannot be imported ({e})") from None
+
+
+def component_arguments(obj) -> Set[str] | None:
+    """Keyword arguments a component accepts; None when it takes any (``**kwargs`` all the way)."""
+    names: Set[str] = set()
+    targets = (
+        [c.__init__ for c in inspect.getmro(obj) if "__init__" in vars(c)]
+        if (inspect.isclass(obj))
+        else [obj]
+    )
+    for target in targets:
+        try:
+            params = inspect.signature(target).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names.update(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def _unknown(key: str, candidates: Iterable[str], where: str) -> UserError:
+    leaf = key.rpartition(".")[2]
+    close = difflib.get_close_matches(leaf, sorted(candidates), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return UserError(
+        f"unknown config key {key!r} ({where}): {hint}no part of this recipe reads it. "
+        f"To add a key on purpose, write +{key}=VALUE on the command line."
+    )
+
+
+def check_keys(
+    cfg: DictConfig,
+    known: Set[str],
+    cli_keys: Set[str] = frozenset(),
+    added: Set[str] = frozenset(),
+    config_file: str = "the config file",
+) -> None:
+    """Raises UserError naming the first key that nothing reads (see the module docstring)."""
+    raw = OmegaConf.to_yaml(cfg)  # interpolations kept: ${name} marks a user variable
+    variables = set(re.findall(r"\$\{([A-Za-z_][\w]*)", raw))
+
+    def where(key):
+        return "command line" if key in cli_keys else config_file
+
+    def walk(node, prefix):
+        if "_component_" in node:
+            target = node["_component_"]
+            accepted = component_arguments(_component(target))
+            for k, v in node.items():
+                path = f"{prefix}{k}"
+                if k == "_component_" or path in added:
+                    continue
+                if accepted is not None and k not in accepted:
+                    raise _unknown(path, accepted, f"{where(path)}; not an argument of {target}")
+                if OmegaConf.is_dict(v) and "_component_" in v:
+                    walk(v, path + ".")
+            return
+        siblings = {k.rpartition(".")[2] for k in known if k.startswith(prefix)}
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            if path in added:
+                continue
+            if path not in known and not (not prefix and k in variables):
+                raise _unknown(path, siblings, where(path))
+            if OmegaConf.is_dict(v):
+                walk(v, path + ".")
+
+    walk(cfg, "")
+
+
+# ---- the recipes' __main__ ---------------------------------------------------------------------
+def prepare_argv(argv: List[str], recipe: str, optional_keys: Iterable[str] = ()) -> List[str]:
+    """``--config`` resolved and every override checked; ``+key=value`` becomes ``key=value``."""
+    argv = list(argv)
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        raise UserError(f"usage: tune run {recipe} --config NAME_OR_PATH [key=value ...]")
+    i = argv.index("--config") + 1
+    argv[i] = resolve_config(argv[i])
+    cfg = OmegaConf.load(argv[i])
+    cli_keys, added, dotlist = set(), set(), []
+    for j, arg in enumerate(argv[1:], start=1):
+        if j in (i - 1, i) or arg.startswith("~"):
+            continue
+        if "=" not in arg:
+            raise UserError(f"command-line overrides are key=value, got {arg!r}")
+        key, value = arg.split("=", 1)
+        if key.startswith("+"):
+            key = key[1:]
+            added.add(key)
+            argv[j] = arg[1:]
+        head = key.split(".")[0]
+        if head == key and OmegaConf.is_dict(cfg.get(head)) and "_component_" in cfg[head]:
+            key += "._component_"  # model=llama_mimi_tt.x sets model._component_ (torchtune)
+        cli_keys.add(key)
+        dotlist.append(f"{key}={value}")
+    merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    check_keys(merged, known_keys(recipe, optional_keys), cli_keys, added, argv[i])
+    return argv
+
+
+def run_recipe(recipe_main: Callable[[], object], recipe: str, optional_keys=()) -> int:
+    """The ``__main__`` of a recipe: checks the config, runs it, and prints an expected error
+    (UserError) as one line with exit status 1 (``LLAMA_MIMI_DEBUG=1``: with its traceback)."""
+    try:
+        sys.argv = prepare_argv(sys.argv, recipe, optional_keys)
+        recipe_main()
+    except UserError as e:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"{recipe}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
