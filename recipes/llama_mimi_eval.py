@@ -41,24 +41,10 @@ from llama_mimi_tt.evaluation import (
     summarize,
     write_results,
 )
+from llama_mimi_tt.loading import load_model
 from llama_mimi_tt.recipe_config import run_recipe
 
 log = utils.get_logger("INFO")
-
-
-def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The model from ``cfg.checkpointer``, or with random (seeded) weights when it is null."""
-    with training.set_default_dtype(dtype), device:
-        model = config.instantiate(cfg.model)
-    ckpt_cfg = cfg.get("checkpointer", None)
-    if ckpt_cfg is not None:
-        checkpointer = config.instantiate(ckpt_cfg)
-        state = checkpointer.load_checkpoint()
-        model.load_state_dict(state[training.MODEL_KEY])
-        log.info(f"loaded weights from {ckpt_cfg.get('checkpoint_dir')}")
-    else:
-        log.info(f"no checkpointer: random weights (seed {cfg.seed}), for tests and the demo")
-    return model.eval()
 
 
 def read_suites(cfg: DictConfig) -> dict:

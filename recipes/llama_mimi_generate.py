@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from llama_mimi_tt.audio import save_audio
 from llama_mimi_tt.generation import FRAME_RATE, SamplingParams, generate
+from llama_mimi_tt.loading import load_model
 from llama_mimi_tt.recipe_config import run_recipe
 
 log = utils.get_logger("INFO")
@@ -46,24 +47,6 @@ class Prompt:
 
 
 # ---- setup ------------------------------------------------------------------------------------
-def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The model from ``cfg.checkpointer``, or random (seeded) weights when it is null."""
-    torch.manual_seed(cfg.seed)
-    with training.set_default_dtype(dtype), device:
-        model = config.instantiate(cfg.model)
-    ckpt_cfg = cfg.get("checkpointer", None)
-    if ckpt_cfg is not None:
-        state = config.instantiate(ckpt_cfg).load_checkpoint()
-        model.load_state_dict(state[training.MODEL_KEY])
-        log.info(f"loaded weights from {ckpt_cfg.get('checkpoint_dir')}")
-    else:
-        log.warning(
-            "!!! checkpointer is null: the model has RANDOM weights (seed "
-            f"{cfg.seed}). The outputs are NOT speech: this run only exercises the pipeline. !!!"
-        )
-    return model.eval()
-
-
 def _as_list(value) -> list:
     if value is None:
         return []

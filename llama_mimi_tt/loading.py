@@ -1,0 +1,27 @@
+"""Building a Llama-Mimi model from a recipe config, for inference (generate, eval, serve)."""
+
+import torch
+from omegaconf import DictConfig
+from torchtune import config, training, utils
+
+log = utils.get_logger("INFO")
+
+
+def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model of ``cfg.model`` with the weights of ``cfg.checkpointer``, in eval mode; random
+    weights seeded with ``cfg.seed`` when the checkpointer is null (tests and the demo)."""
+    seed = int(cfg.get("seed", 0))
+    torch.manual_seed(seed)
+    with training.set_default_dtype(dtype), device:
+        model = config.instantiate(cfg.model)
+    ckpt_cfg = cfg.get("checkpointer", None)
+    if ckpt_cfg is not None:
+        state = config.instantiate(ckpt_cfg).load_checkpoint()
+        model.load_state_dict(state[training.MODEL_KEY])
+        log.info(f"loaded weights from {ckpt_cfg.get('checkpoint_dir')}")
+    else:
+        log.warning(
+            f"!!! checkpointer is null: the model has RANDOM weights (seed {seed}). The outputs "
+            "are NOT speech: this run only exercises the pipeline. !!!"
+        )
+    return model.eval()
