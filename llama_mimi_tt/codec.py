@@ -298,17 +298,20 @@ class MimiCodec:
             )
         return codes
 
-    def streaming_decoder(self) -> MimiStreamingDecoder:
+    def streaming_decoder(self, batch_size: int = 1) -> MimiStreamingDecoder:
         """A frame-by-frame decoder (moshi's streaming mode), for generation::
 
             with codec.streaming_decoder() as decoder:
                 for frame in frames:  # codes [Q, 1] (or [Q, k])
                     chunk = decoder.decode_frame(frame)  # float32 [1, k * 1920]
 
+        With ``batch_size=B`` it decodes B streams side by side: codes ``[B, Q, k]`` ->
+        audio ``[B, 1, k * 1920]``.
+
         Only one streaming decoder per codec at a time; ``encode``/``decode`` refuse to run
         while it is open (moshi keeps the streaming state in the model).
         """
-        return MimiStreamingDecoder(self)
+        return MimiStreamingDecoder(self, batch_size)
 
     def _check_not_streaming(self) -> None:
         if self.model._streaming_state is not None:
@@ -333,13 +336,16 @@ class MimiStreamingDecoder:
     decoder compute (~90 ms per 80 ms frame on one loaded CPU core).
     """
 
-    def __init__(self, codec: MimiCodec):
+    def __init__(self, codec: MimiCodec, batch_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.codec = codec
+        self.batch_size = batch_size
         self._stack = None
 
     def __enter__(self) -> MimiStreamingDecoder:
         self.codec._check_not_streaming()
-        self._stack = self.codec.model.streaming(batch_size=1)
+        self._stack = self.codec.model.streaming(batch_size=self.batch_size)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -348,16 +354,27 @@ class MimiStreamingDecoder:
             self._stack = None
 
     def decode_frame(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """codes ``[Q, k]`` (k >= 1 new frames) -> float32 CPU audio ``[1, k * 1920]``."""
+        """codes ``[Q, k]`` (k >= 1 new frames) -> float32 CPU audio ``[1, k * 1920]``; with
+        ``batch_size=B``: codes ``[B, Q, k]`` -> audio ``[B, 1, k * 1920]``."""
         if self._stack is None:
             raise RuntimeError("MimiStreamingDecoder: use it inside a `with` block")
-        codes = self.codec.check_codes(codes).to(self.codec.device)
-        chunks = [torch.zeros(1, 0)]
+        codes = torch.as_tensor(codes)
+        batched = codes.dim() == 3
+        if not batched:
+            codes = codes[None]
+        if codes.shape[0] != self.batch_size:
+            raise ValueError(
+                f"codes for {codes.shape[0]} streams, but this decoder has batch_size="
+                f"{self.batch_size} (codes are [Q, k], or [B, Q, k] when batched)"
+            )
+        codes = torch.stack([self.codec.check_codes(c) for c in codes]).to(self.codec.device)
+        chunks = [torch.zeros(self.batch_size, 1, 0)]
         with torch.inference_mode():
             # One frame per step: on CUDA, moshi replays a CUDA graph captured for one shape.
             for frame in codes.split(1, dim=-1):
-                chunks.append(self.codec.model.decode(frame[None])[0].to("cpu", torch.float32))
-        return torch.cat(chunks, dim=-1)
+                chunks.append(self.codec.model.decode(frame).to("cpu", torch.float32))
+        wave = torch.cat(chunks, dim=-1)
+        return wave if batched else wave[0]
 
     def reset(self) -> None:
         """Forget the past frames (start a new utterance)."""
