@@ -15,9 +15,11 @@ is a user variable and allowed. A new key on purpose: ``+key=value`` on the comm
 import difflib
 import importlib
 import inspect
+import math
 import os
 import re
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Set
@@ -38,6 +40,7 @@ RECIPE_CONFIGS: Dict[str, List[str]] = {
     ],
     "llama_mimi_generate": ["generate", "1B_generate"],
     "llama_mimi_eval": ["eval", "1B_eval"],
+    "llama_mimi_serve": ["serve", "1B_serve"],
 }
 
 DEBUG_ENV = "LLAMA_MIMI_DEBUG"  # set to 1 to see the traceback of an expected error
@@ -83,7 +86,8 @@ def known_keys(recipe: str, optional: Iterable[str] = ()) -> Set[str]:
     return keys
 
 
-def _component(path: str):
+def component(path: str):
+    """The object a ``_component_`` path names; a UserError when it cannot be imported."""
     module, _, name = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
@@ -137,7 +141,7 @@ def check_keys(
     def walk(node, prefix):
         if "_component_" in node:
             target = node["_component_"]
-            accepted = component_arguments(_component(target))
+            accepted = component_arguments(component(target))
             for k, v in node.items():
                 path = f"{prefix}{k}"
                 if k == "_component_" or path in added:
@@ -158,6 +162,61 @@ def check_keys(
                 walk(v, path + ".")
 
     walk(cfg, "")
+
+
+# ---- numbers and folders, checked before any heavy work ---------------------------------------
+def check_number(
+    cfg: DictConfig,
+    key: str,
+    kind: type = int,
+    low: float | None = None,
+    high: float | None = None,
+    optional: bool = False,
+    default=None,
+):
+    """``cfg[key]`` (a dotted key) as an ``int`` or ``float`` in ``[low, high]``, or None when
+    ``optional`` and unset; a UserError naming the key and the allowed range otherwise."""
+    value = OmegaConf.select(cfg, key, default=default)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{key} is not set: give {key}=... on the command line")
+    what = "a whole number" if kind is int else "a number"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (kind is int and not float(value).is_integer())
+    ):
+        raise UserError(f"{key}={value!r} is not {what}" + (" (or null)" if optional else ""))
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            allowed = f"at least {low}"
+        elif low is None:
+            allowed = f"at most {high}"
+        else:
+            allowed = f"between {low} and {high}"
+        raise UserError(f"{key}={value} is out of range: it must be {allowed}")
+    return kind(value)
+
+
+def check_output_dir(path, key: str = "output_dir") -> Path:
+    """Creates the output folder and checks that a file can be written in it, so that a bad
+    ``output_dir`` fails before the codec or the model is loaded."""
+    p = Path(str(path)).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{key} {p} is a file, not a folder: choose another {key}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p, prefix=".write-check-") as f:
+            f.write(b"x")
+            f.flush()
+    except OSError as e:
+        raise UserError(
+            f"{key} {p} is not writable ({e.strerror or e}): choose another {key} "
+            "or fix its permissions"
+        ) from e
+    return p
 
 
 # ---- the recipes' __main__ ---------------------------------------------------------------------
