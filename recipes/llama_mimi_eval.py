@@ -42,6 +42,7 @@ from llama_mimi_tt.evaluation import (
     write_results,
 )
 from llama_mimi_tt.loading import load_model
+from llama_mimi_tt.quantize import parse_quantize, quantize_model
 from llama_mimi_tt.recipe_config import run_recipe
 
 log = utils.get_logger("INFO")
@@ -222,6 +223,7 @@ def recipe_main(cfg: DictConfig) -> None:
     training.set_seed(seed=cfg.get("seed", 0))
     device = utils.get_device(cfg.get("device", "cpu"))
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device)
+    quant = parse_quantize(cfg.get("quantize"), cfg.get("quantize_group_size", 128))
     output_dir = Path(cfg.output_dir)
     suites = read_suites(cfg)  # layout errors before anything heavy is built
     gen_on = bool(cfg.get("generation") and cfg.generation.get("prompts"))
@@ -232,14 +234,18 @@ def recipe_main(cfg: DictConfig) -> None:
             "suites.tstorycloze.path) or generation.prompts"
         )
     tokenizer = config.instantiate(cfg.tokenizer)
-    model = load_model(cfg, device, dtype)
+    model = quantize_model(load_model(cfg, device, dtype), quant, device)
+    log.info(f"precision: {quant.describe(device)}")
     codec = config.instantiate(cfg.codec)
     if codec.num_quantizers < tokenizer.vocab.num_quantizers:
         raise ValueError(
             f"the codec gives {codec.num_quantizers} levels but the tokenizer expects "
             f"num_quantizers={tokenizer.vocab.num_quantizers}"
         )
-    results = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    results = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "precision": quant.describe(device),
+    }
     if suites:
         out = run_suites(cfg, suites, model, tokenizer, codec, device)
         results["skipped_files"] = out["skipped_files"]

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from llama_mimi_tt.audio import save_audio
 from llama_mimi_tt.generation import FRAME_RATE, SamplingParams, generate
 from llama_mimi_tt.loading import load_model
+from llama_mimi_tt.quantize import parse_quantize, quantize_model
 from llama_mimi_tt.recipe_config import run_recipe
 
 log = utils.get_logger("INFO")
@@ -190,6 +191,7 @@ class StreamingWriter:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     check_text_side(cfg)  # before the (slow) codec and model
+    quant = parse_quantize(cfg.get("quantize"), cfg.get("quantize_group_size", 128))
     device = utils.get_device(cfg.get("device", "cpu"))
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device)
     out_dir = Path(cfg.output_dir)
@@ -210,6 +212,9 @@ def recipe_main(cfg: DictConfig) -> None:
     if max_new_frames < 1:
         raise ValueError(f"max_seconds={cfg.max_seconds} is shorter than one frame (0.08 s)")
     model = load_model(cfg, device, dtype)
+    model = quantize_model(model, quant, device)
+    dtype = quant.activation_dtype or dtype
+    log.info(f"precision: {quant.describe(device)}")
     check_context(prompts, max_new_frames, model.max_seq_len, vocab.num_quantizers)
 
     num_samples = int(cfg.get("num_samples", 1))
@@ -295,6 +300,8 @@ def recipe_main(cfg: DictConfig) -> None:
         compile=bool(cfg.get("compile", False)),
         device=str(device),
         dtype=str(dtype),
+        quantize=quant.precision,
+        precision=quant.describe(device),
         tokens=totals["tokens"],
         frames=totals["frames"],
         audio_seconds=audio_s,

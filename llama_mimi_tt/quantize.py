@@ -1,0 +1,243 @@
+"""Weight precision for inference: ``quantize: none | bf16 | int8 | int4`` (generate, eval, serve).
+
+Batch-1 decoding reads every weight of the decoder once per token, so its speed is set by the
+bytes per weight. At the Llama-Mimi-1.3B shape the 16 decoder layers hold 973M of the weights
+read per token (the embedding gives one row, the per-level output head 2048 rows), so only the
+``nn.Linear`` layers of ``model.layers`` are quantized:
+
+    quantize   layer weights                               activations   bytes / weight
+    none       as loaded (the recipe's ``dtype``)          that dtype    4 (fp32) or 2
+    bf16       bfloat16                                    bf16          2
+    int8       int8, one scale per output row              bf16          1
+    int4       int4, one scale and zero per group of       bf16          0.5 (+ 4 / group)
+               ``quantize_group_size`` input columns (torchao)
+
+The embedding, the norms and the output projection are cast to bf16 and not quantized: per
+token they are one embedding row and one 2048-row head slice (0.4% of the bytes at bf16), and
+the full-vocabulary projection of the likelihood eval is a compute-bound matmul.
+
+Routes (measured on a 2-core AVX-512 CPU at the 1.3B shape, the 16 layers' matmuls at batch 1:
+fp32 200 ms, bf16 98 ms, int8 47 ms, int4 31 ms; see bench/bench_quantize.py):
+
+- int4: torchao's public ``quantize_`` with ``Int4WeightOnlyConfig(version=1)``; on CPU with
+  ``Int4CPULayout`` (the other int4 packings need CUDA or fbgemm-gpu-genai), on CUDA with its
+  default tensor-core layout. Both want bf16 activations (fp32 activations are ~10x slower on
+  CPU).
+- int8: :class:`Int8Linear`, a small module of ours that holds the int8 weight and its scales
+  and calls ``torch.ops.aten._weight_int8pack_mm``, PyTorch's own weight-only int8 matmul (an
+  aten operator with CPU and CUDA kernels, the one gpt-fast uses). torchao 0.15's
+  ``Int8WeightOnlyConfig`` was measured slower than fp32 on CPU: its CPU path dequantizes each
+  weight into a fresh full-size buffer on every call.
+
+Example::
+
+    spec = parse_quantize("int4", group_size=128)
+    model = quantize_model(model, spec, torch.device("cpu"))
+    spec.describe()   # 'int4 (group 128, torchao Int4CPULayout), bf16 activations'
+"""
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llama_mimi_tt.errors import UserError
+
+PRECISIONS = ("none", "bf16", "int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # the int4 group sizes torchao's kernels accept
+_INT4_ROWS = 16  # the int4 CPU packing needs out_features divisible by 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A parsed ``quantize`` setting.
+
+    Args:
+        precision (str): one of ``none``, ``bf16``, ``int8``, ``int4``.
+        group_size (int): input columns per int4 scale (int4 only). Default 128.
+    """
+
+    precision: str = "none"
+    group_size: int = 128
+
+    @property
+    def activation_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the model computes in after quantization (None: unchanged)."""
+        return None if self.precision == "none" else torch.bfloat16
+
+    def describe(self, device: Optional[torch.device] = None) -> str:
+        """One line for logs and summaries, e.g. ``int8 (per-row scales), bf16 activations``."""
+        if self.precision == "none":
+            return "none (weights as loaded)"
+        if self.precision == "bf16":
+            return "bf16 weights and activations"
+        if self.precision == "int8":
+            return "int8 (per-row scales, aten _weight_int8pack_mm), bf16 activations"
+        layout = "Int4CPULayout" if device is None or device.type == "cpu" else "tensor-core tiled"
+        return f"int4 (group {self.group_size}, torchao {layout}), bf16 activations"
+
+
+def parse_quantize(value, group_size=128) -> QuantSpec:
+    """The ``quantize`` / ``quantize_group_size`` config values as a :class:`QuantSpec`.
+
+    ``None``/``null`` and ``False`` mean ``none``; ``fp32`` is not a precision (use
+    ``quantize: none`` with ``dtype: fp32``). A UserError names the key and the allowed values.
+    """
+    name = "none" if value is None or value is False else str(value).strip().lower()
+    if name not in PRECISIONS:
+        raise UserError(
+            f"quantize={value!r} is not a known precision: use one of {', '.join(PRECISIONS)} "
+            "(int4 also takes quantize_group_size). For fp32 weights use quantize=none dtype=fp32."
+        )
+    try:
+        group = int(group_size)
+    except (TypeError, ValueError):
+        group = None
+    if group not in GROUP_SIZES:
+        raise UserError(
+            f"quantize_group_size={group_size!r} is not supported: use one of "
+            f"{', '.join(map(str, GROUP_SIZES))} (columns per int4 scale; 128 is the usual choice)"
+        )
+    return QuantSpec(precision=name, group_size=group)
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with an int8 weight ``[out, in]`` and one scale per output row
+    (symmetric, round to nearest): ``y = (x @ w_int8.T) * scale``.
+
+    ``torch.ops.aten._weight_int8pack_mm`` is PyTorch's public aten operator for exactly this
+    (CPU and CUDA kernels); it reads the int8 weight as it is stored, so a token reads 1 byte
+    per weight. The scales are kept in the activation dtype, as the operator requires.
+    """
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("weight_int8", q.contiguous())
+        self.register_buffer("scales", scale.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8, scales)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as ``float32`` ``[out, in]`` (for checks)."""
+        return self.weight_int8.float() * self.scales.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def _layer_linears(model: nn.Module):
+    """``(name, module)`` of every ``nn.Linear`` inside ``model.layers``."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise UserError(
+            f"quantize: {type(model).__name__} has no decoder `layers`; quantize applies to "
+            "torchtune decoders (TransformerDecoder)"
+        )
+    return [(f"layers.{n}", m) for n, m in layers.named_modules() if isinstance(m, nn.Linear)]
+
+
+def check_quantizable(model: nn.Module, spec: QuantSpec, device: torch.device) -> None:
+    """A UserError, before any weight is touched, when ``spec`` cannot run on this model and
+    device (the device type, biases, int4 group size and row counts)."""
+    if spec.precision in ("none", "bf16"):
+        return
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(
+            f"quantize={spec.precision} runs on cpu and cuda, not on {device.type}: use "
+            "quantize=bf16 (or none) on this device"
+        )
+    linears = _layer_linears(model)
+    if not linears:
+        raise UserError(f"quantize={spec.precision}: the model has no nn.Linear layers to quantize")
+    for name, m in linears:
+        if m.bias is not None:
+            raise UserError(
+                f"quantize={spec.precision}: {name} has a bias; only bias-free linear layers "
+                "(Llama's) are supported"
+            )
+        if spec.precision == "int4":
+            if m.in_features % spec.group_size:
+                raise UserError(
+                    f"quantize=int4 with quantize_group_size={spec.group_size}: {name} has "
+                    f"{m.in_features} input features, not a multiple of the group size. Use a "
+                    f"group size that divides every layer's input features "
+                    f"({', '.join(map(str, GROUP_SIZES))}), or quantize=int8 / bf16."
+                )
+            if device.type == "cpu" and m.out_features % _INT4_ROWS:
+                raise UserError(
+                    f"quantize=int4 on cpu: {name} has {m.out_features} output features, not "
+                    f"a multiple of {_INT4_ROWS} (the int4 CPU packing's tile); use "
+                    "quantize=int8 or bf16 for this model"
+                )
+
+
+def _int4_config(spec: QuantSpec, device: torch.device):
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    if device.type == "cpu":
+        from torchao.dtypes import Int4CPULayout
+
+        return Int4WeightOnlyConfig(group_size=spec.group_size, version=1, layout=Int4CPULayout())
+    return Int4WeightOnlyConfig(group_size=spec.group_size, version=1)  # tensor-core tiled
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> nn.Module:
+    """Applies ``spec`` to a loaded torchtune decoder in place and returns it.
+
+    ``none`` leaves the model as it is. Every other precision casts the whole model to bf16
+    (the activations, norms, embedding, output projection and KV cache follow it), then
+    replaces the decoder layers' linear weights: int8 by :class:`Int8Linear`, int4 by torchao's
+    ``quantize_``. Call it after the weights are loaded and before generation or scoring.
+    """
+    check_quantizable(model, spec, device)
+    if spec.precision == "none":
+        return model
+    model.to(device=device, dtype=torch.bfloat16)
+    if spec.precision == "int8":
+        for name, lin in _layer_linears(model):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, Int8Linear(lin.weight, torch.bfloat16).to(device))
+    elif spec.precision == "int4":
+        from torchao.quantization import quantize_
+
+        with warnings.catch_warnings():
+            # torchao 0.15 marks version 1 deprecated, but its version 2 has no CPU int4 packing
+            warnings.filterwarnings("ignore", message=".*version 1 of Int4WeightOnlyConfig")
+            quantize_(model.layers, _int4_config(spec, device))
+        left = [n for n, m in _layer_linears(model) if type(m.weight) is nn.Parameter]
+        if left:  # torchao skips a layer it cannot handle without a word
+            raise UserError(f"quantize=int4: torchao left {left[0]} unquantized")
+    return model.eval()
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of the decoder layers' weights (plain, int8 with its scales, or torchao int4 with
+    its scales and zeros), the part of the model read once per generated token. Buffers such
+    as the RoPE cache are not counted."""
+    total = 0
+    for m in model.layers.modules():
+        tensors = list(m.parameters(recurse=False))
+        if isinstance(m, Int8Linear):
+            tensors += [m.weight_int8, m.scales]
+        total += sum(_nbytes(t) for t in tensors)
+    return total
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    inner = getattr(t, "__tensor_flatten__", None)
+    if inner is None:
+        return t.numel() * t.element_size()
+    names, _ = inner()
+    return sum(_nbytes(getattr(t, n)) for n in names)

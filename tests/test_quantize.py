@@ -1,0 +1,213 @@
+"""``quantize: none | bf16 | int8 | int4``: logits close to fp32, generate and eval run, batch ==
+single, the recipes report the precision, bad values are clear errors.
+
+The tiny model (4 layers, 128 wide, MLP 384, k/v 64 rows) with N(0, 0.02) weights: every linear
+layer has in_features a multiple of 128 and out_features a multiple of 16, so int4 with group
+size 128 applies to it. Its logits reach about +-1.5, the logit differences below are measured
+(bf16 0.010, int8 0.020, int4 0.28) with about 2x headroom.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama_mimi_tt.errors import UserError
+from llama_mimi_tt.generation import SamplingParams, generate
+from llama_mimi_tt.models import llama_mimi_tiny
+from llama_mimi_tt.quantize import (
+    Int8Linear,
+    QuantSpec,
+    parse_quantize,
+    quantize_model,
+    weight_bytes_per_token,
+)
+from llama_mimi_tt.vocab import MimiVocab
+
+torch.set_num_threads(1)
+
+Q = 4
+VOCAB = MimiVocab(text_vocab_size=512, num_quantizers=Q)
+BOS = 256
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+# precision: (max |logit - fp32 logit|, mean KL(fp32 || precision), top-1 agreement at least)
+BOUNDS = {"bf16": (0.03, 1e-5, 0.9), "int8": (0.05, 5e-5, 0.9), "int4": (0.6, 5e-3, 0.5)}
+
+
+def tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = llama_mimi_tiny(num_quantizers=Q).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def prompt(frames: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, VOCAB.codebook_size, (Q, frames), generator=g)
+    return torch.cat([torch.tensor([BOS, VOCAB.audio_start_id]), VOCAB.encode(codes)])
+
+
+@pytest.fixture(scope="module")
+def reference():
+    ids = prompt(50)[None]  # 202 tokens
+    with torch.no_grad():
+        return ids, tiny()(ids).float()
+
+
+@pytest.fixture(scope="module", params=["bf16", "int8", "int4"])
+def quantized(request):
+    return request.param, quantize_model(tiny(), parse_quantize(request.param), CPU)
+
+
+def test_logits_close_to_fp32(quantized, reference):
+    precision, model = quantized
+    ids, ref = reference
+    with torch.no_grad():
+        logits = model(ids).float()
+    max_diff, max_kl, min_top1 = BOUNDS[precision]
+    kl = F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
+    assert (logits - ref).abs().max() < max_diff
+    assert kl.sum(-1).mean() < max_kl
+    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= min_top1
+
+
+def test_weights_are_stored_in_the_precision(quantized):
+    precision, model = quantized
+    fp32_bytes = weight_bytes_per_token(tiny())
+    ratio = weight_bytes_per_token(model) / fp32_bytes
+    # the norms stay bf16; int8 adds a scale per row, int4 a scale and zero per 128 columns
+    assert {"bf16": 0.49 < ratio <= 0.51, "int8": 0.25 < ratio < 0.26, "int4": 0.13 < ratio < 0.14}[
+        precision
+    ]
+    assert next(model.tok_embeddings.parameters()).dtype == torch.bfloat16
+    q_proj = model.layers[0].attn.q_proj
+    if precision == "int8":
+        assert isinstance(q_proj, Int8Linear) and q_proj.weight_int8.dtype == torch.int8
+    if precision == "int4":
+        assert type(q_proj.weight).__name__ == "AffineQuantizedTensor"
+
+
+def test_generate_batch_equals_single(quantized):
+    precision, model = quantized
+    prompts = [prompt(1, seed=1), prompt(3, seed=2)]  # different lengths: left padding
+    kw = dict(semantic=SamplingParams(1.5, 100), acoustic=SamplingParams(1.0, 50), seed=[3, 4])
+    batch = generate(model, prompts, VOCAB, 6, stop_at_end=False, **kw)
+    assert batch.num_frames == [6, 6]
+    for b in range(2):
+        single = generate(
+            model, [prompts[b]], VOCAB, 6, stop_at_end=False, **{**kw, "seed": [kw["seed"][b]]}
+        )
+        assert torch.equal(single.ids[0], batch.ids[b]), precision
+
+
+def test_eval_scores_close_to_fp32(quantized, tokenizer_and_pairs):
+    from llama_mimi_tt.evaluation import score_pairs
+
+    precision, model = quantized
+    tokenizer, pairs, codes, ref = tokenizer_and_pairs
+    got = score_pairs(model, tokenizer, pairs, codes, batch_size=4, progress=False)
+    for r, g in zip(ref, got):
+        for k in ("score_positive", "score_negative"):
+            # per-token mean log-probabilities (~ -10); int4's logits move by up to 0.3
+            assert abs(r[k] - g[k]) < (0.05 if precision == "int4" else 0.01), (precision, k)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_and_pairs():
+    from llama_mimi_tt.evaluation import Pair, score_pairs
+    from llama_mimi_tt.tokenizer import llama_mimi_tokenizer
+
+    tokenizer = llama_mimi_tokenizer("builtin:byte", num_quantizers=Q)
+    g = torch.Generator().manual_seed(0)
+    codes = {f"{i}.wav": torch.randint(0, 2048, (Q, 12), generator=g) for i in range(4)}
+    pairs = [Pair("s", "x", "p0", "0.wav", "1.wav"), Pair("s", "x", "p1", "2.wav", "3.wav")]
+    ref = score_pairs(tiny(), tokenizer, pairs, codes, batch_size=4, progress=False)
+    return tokenizer, pairs, codes, ref
+
+
+# ---- errors ----------------------------------------------------------------------------------
+def test_parse_values_and_errors():
+    assert parse_quantize(None) == QuantSpec("none", 128)
+    assert parse_quantize("INT4", "64") == QuantSpec("int4", 64)
+    assert "group 64" in parse_quantize("int4", 64).describe(CPU)
+    with pytest.raises(UserError, match=r"quantize='fp8'.*none, bf16, int8, int4"):
+        parse_quantize("fp8")
+    with pytest.raises(UserError, match=r"quantize='fp32'.*quantize=none dtype=fp32"):
+        parse_quantize("fp32")
+    with pytest.raises(UserError, match=r"quantize_group_size=100 .*32, 64, 128, 256"):
+        parse_quantize("int4", 100)
+
+
+def test_unsupported_shapes_and_devices_are_clear_errors():
+    model = tiny()
+    with pytest.raises(
+        UserError, match=r"quantize_group_size=256: layers.0.attn.q_proj has 128 input"
+    ):
+        quantize_model(model, parse_quantize("int4", 256), CPU)
+    with pytest.raises(UserError, match=r"runs on cpu and cuda, not on mps: use quantize=bf16"):
+        quantize_model(model, parse_quantize("int8"), torch.device("mps"))
+    # nothing was changed by the refusals
+    assert next(model.parameters()).dtype == torch.float32
+
+    class Odd(nn.Module):  # 40 output rows: not a multiple of the int4 CPU tile (16)
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(128, 40, bias=False)])
+
+    with pytest.raises(UserError, match=r"40 output features, not a multiple of 16"):
+        quantize_model(Odd(), parse_quantize("int4"), CPU)
+    assert isinstance(quantize_model(Odd(), parse_quantize("int8"), CPU).layers[0], Int8Linear)
+
+
+# ---- recipes ---------------------------------------------------------------------------------
+def _run_recipe(path: Path, argv, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:  # torchtune's config.parse exits with the result
+        module.recipe_main()
+    assert not done.value.code
+
+
+def test_generate_recipe_reports_the_precision(tmp_path, monkeypatch):
+    out = tmp_path / "gen"
+    argv = [
+        "llama_mimi_generate", "--config", str(ROOT / "configs" / "generate.yaml"),
+        f"output_dir={out}", "quantize=int4", "quantize_group_size=64", "max_seconds=0.32",
+        "num_samples=1",
+    ]  # fmt: skip
+    _run_recipe(ROOT / "recipes" / "llama_mimi_generate.py", argv, monkeypatch)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quantize"] == "int4" and summary["dtype"] == "torch.bfloat16"
+    assert summary["precision"] == "int4 (group 64, torchao Int4CPULayout), bf16 activations"
+    assert summary["frames"] == 4
+
+
+def test_eval_recipe_reports_the_precision(tmp_path, monkeypatch):
+    from tests.test_eval import pattern_codes, shuffled, write_codes_wav
+
+    for k in range(2):
+        pos = pattern_codes(4 + k, phase=k)
+        write_codes_wav(tmp_path / "sSC" / f"{2 * k}_story{k}_correct.wav", pos)
+        write_codes_wav(tmp_path / "sSC" / f"{2 * k + 1}_story{k}_incorrect.wav", shuffled(pos, k))
+    out = tmp_path / "out"
+    argv = [
+        "llama_mimi_eval", "--config", str(ROOT / "configs" / "eval.yaml"),
+        f"output_dir={out}", f"suites.sstorycloze.path={tmp_path / 'sSC'}",
+        "codec._component_=tests.test_eval.FakeCodec", "quantize=int8",
+    ]  # fmt: skip
+    _run_recipe(ROOT / "recipes" / "llama_mimi_eval.py", argv, monkeypatch)
+    results = json.loads((out / "results.json").read_text())
+    assert results["precision"].startswith("int8 (per-row scales")
+    assert results["suites"]["sStoryCloze"]["overall"]["pairs"] == 2
