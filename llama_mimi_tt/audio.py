@@ -2,19 +2,27 @@
 
 Every waveform that reaches the Mimi codec goes through :func:`prepare_waveform`: it must be
 floating point, non-empty and finite; several channels are mixed down to mono by their mean;
-any sample rate is resampled to the codec's rate with soxr (high quality). Errors name the
-file or the input so that a corpus job can log why it skipped it.
+any sample rate is resampled to the codec's rate with soxr (high quality). Audio whose peak
+is above 1.0 (float files can hold anything, e.g. +-50) is normalised: scaled so that its peak
+is 1.0, with a logged warning (clipping would destroy it; Mimi was trained on [-1, 1]). Errors
+name the file or the input so that a corpus job can log why it skipped it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import soundfile as sf
 import soxr
 import torch
+
+from llama_mimi_tt.errors import MissingFileError, UserError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["load_audio", "prepare_waveform", "save_audio", "synthetic_audio"]
 
@@ -24,14 +32,17 @@ def prepare_waveform(
     sample_rate: int,
     target_sample_rate: int = 24000,
     name: str = "waveform",
+    report: Optional[dict] = None,
 ) -> torch.Tensor:
-    """Check a waveform, mix it down to mono and resample it.
+    """Check a waveform, mix it down to mono, bring its peak into [-1, 1] and resample it.
 
     Args:
         wave: float samples, ``[samples]`` or ``[channels, samples]`` (tensor or numpy array).
         sample_rate: the sample rate of ``wave`` in Hz.
         target_sample_rate: the sample rate to return, in Hz.
         name: how error messages call this input (a file path, a dataset row id, ...).
+        report: if given, ``report["peak"]`` is set to the original peak when the audio was
+            normalised (its peak was above 1.0).
 
     Returns:
         float32 CPU tensor ``[samples]`` at ``target_sample_rate``.
@@ -41,7 +52,7 @@ def prepare_waveform(
         TypeError: integer (PCM) samples; convert them to float in [-1, 1] first.
     """
     if isinstance(sample_rate, bool) or not float(sample_rate).is_integer() or sample_rate <= 0:
-        raise ValueError(f"{name}: sample_rate must be a positive integer, got {sample_rate!r}")
+        raise UserError(f"{name}: sample_rate must be a positive integer, got {sample_rate!r}")
     sample_rate = int(sample_rate)
     if isinstance(wave, torch.Tensor):
         array = wave.detach().cpu()
@@ -55,57 +66,72 @@ def prepare_waveform(
         array = array.astype(np.float32, copy=False)
     if array.ndim == 2:
         if array.shape[0] > array.shape[1] and array.shape[1] > 0:
-            raise ValueError(
+            raise UserError(
                 f"{name}: expected [channels, samples], got shape {tuple(array.shape)} "
                 "(more channels than samples; transpose it?)"
             )
         if array.shape[0] == 0:
-            raise ValueError(f"{name}: empty audio (no channels), shape {tuple(array.shape)}")
+            raise UserError(f"{name}: empty audio (no channels), shape {tuple(array.shape)}")
     elif array.ndim != 1:
-        raise ValueError(
+        raise UserError(
             f"{name}: expected [samples] or [channels, samples], got shape {tuple(array.shape)}"
         )
     if array.shape[-1] == 0:
-        raise ValueError(f"{name}: empty audio (zero samples)")
+        raise UserError(f"{name}: empty audio (zero samples)")
     finite = np.isfinite(array)
     if not finite.all():
         bad = np.argwhere(~finite)[0]
         num_nan = int(np.isnan(array).sum())
         num_inf = int(np.isinf(array).sum())
-        raise ValueError(
+        raise UserError(
             f"{name}: audio has {num_nan} NaN and {num_inf} inf samples "
             f"(first at index {tuple(int(i) for i in bad)})"
         )
     if array.ndim == 2:
         array = array.mean(axis=0, dtype=np.float32) if array.shape[0] > 1 else array[0]
+    peak = float(np.abs(array).max())
+    if peak > 1.0:
+        log.warning(f"{name}: samples reach {peak:.3g}, outside [-1, 1]: normalised to peak 1.0")
+        array = array / np.float32(peak)
+        if report is not None:
+            report["peak"] = peak
     if sample_rate != target_sample_rate:
         array = soxr.resample(array, sample_rate, target_sample_rate, quality="HQ")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def load_audio(path: str | Path, target_sample_rate: int = 24000) -> torch.Tensor:
+def load_audio(
+    path: str | Path, target_sample_rate: int = 24000, report: Optional[dict] = None
+) -> torch.Tensor:
     """Read an audio file (wav, flac, ogg, mp3: whatever libsndfile reads) as mono float32.
 
     Args:
         path: the audio file.
         target_sample_rate: resample to this rate (Hz).
+        report: see :func:`prepare_waveform`.
 
     Returns:
         float32 tensor ``[samples]`` at ``target_sample_rate``.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be decoded, is empty, or has NaN/inf samples.
+        MissingFileError: the file does not exist (or is a broken symbolic link).
+        UserError: a folder, or a file that cannot be decoded, is empty, or has NaN/inf samples.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not an audio file: name the audio files in it")
     if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
+        if path.is_symlink():
+            raise MissingFileError(
+                f"{path} is a broken symbolic link (to {path.readlink()}, which does not exist)"
+            )
+        raise MissingFileError(f"audio file not found: {path}")
     try:
         data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read audio file ({e})") from e
+        raise UserError(f"{path}: cannot read audio file ({e})") from e
     # soundfile gives [samples, channels].
-    return prepare_waveform(data.T, sample_rate, target_sample_rate, name=str(path))
+    return prepare_waveform(data.T, sample_rate, target_sample_rate, str(path), report)
 
 
 def save_audio(path: str | Path, wave: torch.Tensor | np.ndarray, sample_rate: int) -> Path:

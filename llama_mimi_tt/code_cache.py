@@ -10,9 +10,12 @@ Sources (:func:`open_audio_source`):
 
 - a folder of audio files (searched recursively; every extension in ``AUDIO_EXTENSIONS``,
   i.e. what libsndfile reads: wav, flac, ogg/opus, mp3, aiff, ...); id = path relative to
-  the folder without its extension;
+  the folder without its extension; a broken symbolic link is an item that is skipped
+  (missing). A folder is read as a Hugging Face dataset only when it was written by
+  ``save_to_disk`` or holds data files (parquet, arrow, csv, json) and no audio;
 - a manifest, ``.jsonl`` (one JSON object per line) or ``.csv``, with a path column and
-  optional text and id columns; relative paths are relative to the manifest's folder;
+  optional text and id columns; relative paths are relative to the manifest's folder; a row
+  without a path is skipped (missing) with its line number;
 - a Hugging Face dataset with an audio column and an optional text column: a folder written
   by ``save_to_disk``, a local dataset folder (parquet/arrow/csv ... files), or a hub name
   (only when online). The audio column may be an ``Audio`` feature (read as bytes/path, no
@@ -22,6 +25,7 @@ Cache layout (``output_dir``)::
 
     plan.json                          what is being built (settings, item count, codec)
     shard-00000-of-00012.parquet      one per ``shard_size`` source items, any rank may write it
+    shard-00000-of-00012.parquet.claim  while a process encodes that shard (see "Claims")
     ...
     cache.json                         written once every shard exists: plan + counts + skips
     skipped.jsonl                      every skipped source item with its reason
@@ -45,8 +49,20 @@ for a folder, file order for a manifest, row order for a dataset). Shard k belon
 ``k % world_size``; it is written under a temporary name and renamed when complete, so a shard
 file either is whole or does not exist. A rerun skips every shard that exists and does only
 the missing ones, so work finished before an interruption is never redone, also with a
-different number of ranks. Each shard's parquet metadata holds its counts and skipped items;
-whichever rank finishes the last shard writes ``cache.json``.
+different number of ranks. A finished shard whose parquet footer cannot be read (a truncated
+or overwritten file) is corrupt: a rerun logs it and encodes it again, and readers name it.
+Each shard's parquet metadata holds its counts, skipped items and the items whose audio was
+normalised (peak above 1.0, see ``llama_mimi_tt.audio``); whichever process finishes the last
+shard writes ``cache.json``.
+
+Claims: before encoding a shard a process creates ``<shard>.claim`` (exclusively) holding its
+host and PID, refreshes its modification time after every batch, and deletes it when the
+shard is written. Another process that finds the claim leaves that shard alone, so several
+processes (or machines) started on one ``output_dir`` share the work without torchrun. A claim
+is stale, and taken over, when its PID is no longer running on this host, or when it has not
+been refreshed for ``claim_timeout_s`` (the only test for claims of other hosts). Two
+processes taking over the same stale claim at the same instant may both encode that shard:
+the result is the same, written atomically. Temporary files follow the same rule.
 """
 
 from __future__ import annotations
@@ -70,17 +86,20 @@ import soundfile as sf
 import torch
 
 from llama_mimi_tt.audio import load_audio, prepare_waveform
+from llama_mimi_tt.errors import MissingFileError, UserError, writing
 
 CACHE_FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "cache.json"
 SKIPPED_FILE = "skipped.jsonl"
 SHARD_METADATA_KEY = b"llama_mimi_tt"
+CLAIM_SUFFIX = ".claim"
 MIMI_CODEBOOK_SIZE = 2048
 
 AUDIO_EXTENSIONS = frozenset(
     "wav wave flac ogg oga opus mp3 aiff aif aifc au snd caf w64 rf64 sph nist voc".split()
 )
+DATA_EXTENSIONS = frozenset("parquet arrow csv json jsonl".split())  # a local HF dataset
 LONG_FILE_RULES = ("split", "truncate")
 
 SHARD_SCHEMA = pa.schema(
@@ -119,8 +138,8 @@ def mimi_codec(
         seed (int): seed of the random codec (ignored otherwise).
 
     Raises:
-        ValueError: ``path`` not given.
-        FileNotFoundError: the weights file does not exist (the message says how to get it).
+        UserError: ``path`` not given.
+        MissingFileError: the weights file does not exist (the message says how to get it).
     """
     from llama_mimi_tt.codec import MIMI_NAME, MIMI_REPO, MimiCodec
 
@@ -128,7 +147,7 @@ def mimi_codec(
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     if path is None or str(path).strip() == "":
-        raise ValueError(
+        raise UserError(
             f"codec.path is not set: give Mimi's weights ({MIMI_NAME}, from "
             f"`huggingface-cli download {MIMI_REPO} {MIMI_NAME}`), or codec.path=random for an "
             "untrained codec (tests and the demo only: its codes mean nothing)"
@@ -150,6 +169,7 @@ class AudioItem:
     path: Optional[str] = None
     text: Optional[str] = None
     row: Optional[int] = None  # row of a Hugging Face dataset
+    line: Optional[int] = None  # line of a manifest
 
 
 class AudioSource:
@@ -207,21 +227,23 @@ class AudioSource:
         except Exception:
             return 0.0
 
-    def read(self, item: AudioItem, sample_rate: int) -> torch.Tensor:
-        """Mono float32 ``[samples]`` at ``sample_rate``.
+    def read(
+        self, item: AudioItem, sample_rate: int, report: Optional[dict] = None
+    ) -> torch.Tensor:
+        """Mono float32 ``[samples]`` at ``sample_rate`` (``report``: see ``prepare_waveform``).
 
         Raises:
             FileNotFoundError, ValueError, TypeError: missing, unreadable, empty or
                 non-finite audio (the message names the file or row).
         """
         if self.kind != "hf":
-            return load_audio(item.path, sample_rate)
+            return load_audio(item.path, sample_rate, report)
         name = f"{self.location} row {item.row} (id {item.id})"
         value = self._audio_value(item)
         if value is None:
             raise ValueError(f"{name}: no audio (the {self.audio_column!r} field is empty)")
         if isinstance(value, str):
-            return load_audio(self._resolve(value), sample_rate)
+            return load_audio(self._resolve(value), sample_rate, report)
         if value.get("array") is not None:
             sr = value.get("sampling_rate")
             if sr is None:
@@ -229,15 +251,15 @@ class AudioSource:
             array = np.asarray(value["array"])
             if np.issubdtype(array.dtype, np.integer):
                 raise TypeError(f"{name}: integer PCM samples; store float samples in [-1, 1]")
-            return prepare_waveform(array.astype(np.float32), sr, sample_rate, name=name)
+            return prepare_waveform(array.astype(np.float32), sr, sample_rate, name, report)
         if value.get("bytes"):
             try:
                 data, sr = sf.read(io.BytesIO(value["bytes"]), dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
                 raise ValueError(f"{name}: cannot decode the audio bytes ({e})") from e
-            return prepare_waveform(data.T, sr, sample_rate, name=name)
+            return prepare_waveform(data.T, sr, sample_rate, name, report)
         if value.get("path"):
-            return load_audio(self._resolve(value["path"]), sample_rate)
+            return load_audio(self._resolve(value["path"]), sample_rate, report)
         raise ValueError(f"{name}: the audio field has neither bytes, a path nor an array")
 
 
@@ -245,7 +267,7 @@ def _check_unique_ids(items: Sequence[AudioItem], where: str) -> None:
     seen: Dict[str, int] = {}
     for it in items:
         if it.id in seen:
-            raise ValueError(
+            raise UserError(
                 f"{where}: id {it.id!r} appears twice (items {seen[it.id]} and {it.index}); "
                 "ids must be unique (give an id column, or rename the files)"
             )
@@ -258,12 +280,15 @@ def _text_or_none(value) -> Optional[str]:
     return str(value)
 
 
-def _folder_items(root: Path) -> List[AudioItem]:
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS and p.is_file()
+def _is_audio_entry(p: Path) -> bool:
+    """An audio file, or a broken symbolic link named like one (an item to skip and count)."""
+    return p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS and (
+        p.is_file() or (p.is_symlink() and not p.exists())
     )
+
+
+def _folder_items(root: Path) -> List[AudioItem]:
+    files = sorted(p for p in root.rglob("*") if _is_audio_entry(p))
     items = [
         AudioItem(index=i, id=p.relative_to(root).with_suffix("").as_posix(), path=str(p))
         for i, p in enumerate(files)
@@ -276,37 +301,44 @@ def _manifest_items(
     manifest: Path, path_column: str, text_column: Optional[str], id_column: Optional[str]
 ) -> List[AudioItem]:
     suffix = manifest.suffix.lower()
+    records = []  # (line number, record)
     if suffix == ".jsonl":
-        records = []
         with open(manifest, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    records.append(json.loads(line))
+                    rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{manifest}, line {n}: not valid JSON ({e})") from e
+                    raise UserError(f"{manifest}, line {n}: not valid JSON ({e})") from e
+                if not isinstance(rec, dict):
+                    raise UserError(f"{manifest}, line {n}: expected a JSON object, got {rec!r}")
+                records.append((n, rec))
     elif suffix == ".csv":
         with open(manifest, encoding="utf-8", newline="") as f:
-            records = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            records = [(reader.line_num, rec) for rec in reader]
     else:
-        raise ValueError(f"manifest {manifest}: expected a .jsonl or .csv file")
-    if records and path_column not in records[0]:
-        raise ValueError(
+        raise UserError(f"manifest {manifest}: expected a .jsonl or .csv file")
+    if records and not any(path_column in rec for _, rec in records):
+        raise UserError(
             f"manifest {manifest} has no {path_column!r} column (columns: "
-            f"{', '.join(records[0])}); set path_column"
+            f"{', '.join(records[0][1])}); set path_column"
         )
     items = []
-    for i, rec in enumerate(records):
+    for i, (n, rec) in enumerate(records):
         rel = rec.get(path_column)
-        rel = "" if rel is None else str(rel)
+        rel = "" if rel is None else str(rel).strip()
         p = Path(rel).expanduser()
         if rel and not p.is_absolute():
             p = manifest.parent / p
         uid = rec.get(id_column) if id_column else None
-        uid = str(uid) if uid not in (None, "") else Path(rel).with_suffix("").as_posix()
+        if uid not in (None, ""):
+            uid = str(uid)
+        else:  # a row without a path gets its line as id (and is skipped when encoding)
+            uid = Path(rel).with_suffix("").as_posix() if rel else f"line-{n}"
         text = _text_or_none(rec.get(text_column)) if text_column else None
-        items.append(AudioItem(index=i, id=uid, path=str(p) if rel else "", text=text))
+        items.append(AudioItem(index=i, id=uid, path=str(p) if rel else "", text=text, line=n))
     _check_unique_ids(items, str(manifest))
     return items
 
@@ -333,10 +365,10 @@ def _hf_items(
         ds = datasets.load_dataset(str(p) if p.exists() else source, split=split)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"{source} has no split {split!r} (splits: {', '.join(ds)})")
+            raise UserError(f"{source} has no split {split!r} (splits: {', '.join(ds)})")
         ds = ds[split]
     if audio_column not in ds.column_names:
-        raise ValueError(
+        raise UserError(
             f"{source} has no audio column {audio_column!r} (columns: "
             f"{', '.join(ds.column_names)}); set audio_column"
         )
@@ -381,11 +413,11 @@ def open_audio_source(
             from file paths or row numbers).
 
     Raises:
-        FileNotFoundError: ``source`` does not exist (and is not a hub name).
-        ValueError: an unknown kind, a missing column, or duplicate ids.
+        MissingFileError: ``source`` does not exist (and is not a hub name).
+        UserError: an unknown kind, a missing column, or duplicate ids.
     """
     if source is None or str(source).strip() == "":
-        raise ValueError("source is not set: give a folder, a .jsonl/.csv manifest or a dataset")
+        raise UserError("source is not set: give a folder, a .jsonl/.csv manifest or a dataset")
     p = Path(str(source)).expanduser()
     if p.exists():
         p = p.resolve()
@@ -394,37 +426,35 @@ def open_audio_source(
         if p.is_file():
             kind = "manifest"
         elif p.is_dir():
-            if _is_saved_hf_dataset(p):
-                kind = "hf"
-            elif any(
-                q.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS
-                for q in p.rglob("*")
-                if q.is_file()
+            entries = list(p.rglob("*"))
+            if _is_saved_hf_dataset(p) or (
+                not any(_is_audio_entry(q) for q in entries)
+                and any(q.suffix.lower().lstrip(".") in DATA_EXTENSIONS for q in entries)
             ):
-                kind = "folder"
+                kind = "hf"  # save_to_disk, or a local dataset folder: parquet / arrow / csv
             else:
-                kind = "hf"  # a local dataset folder: parquet / arrow / csv files
+                kind = "folder"
         elif "/" in str(source) and not str(source).startswith((".", "/", "~")):
             kind = "hf"  # a hub name
         else:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"source {source} does not exist: give a folder of audio files, a .jsonl/.csv "
                 "manifest, a dataset saved with save_to_disk, or a hub name (online only)"
             )
     if kind == "folder":
         if not p.is_dir():
-            raise FileNotFoundError(f"audio folder {p} does not exist")
+            raise MissingFileError(f"audio folder {p} does not exist")
         return AudioSource("folder", str(p), _folder_items(p))
     if kind == "manifest":
         if not p.is_file():
-            raise FileNotFoundError(f"manifest {p} does not exist")
+            raise MissingFileError(f"manifest {p} does not exist")
         return AudioSource(
             "manifest", str(p), _manifest_items(p, path_column, text_column, id_column)
         )
     if kind == "hf":
         ds, items = _hf_items(str(source), split, audio_column, text_column, id_column)
         return AudioSource("hf", str(source), items, dataset=ds, audio_column=audio_column)
-    raise ValueError(f"source_type must be auto, folder, manifest or hf; got {source_type!r}")
+    raise UserError(f"source_type must be auto, folder, manifest or hf; got {source_type!r}")
 
 
 # ---- encoding ----------------------------------------------------------------------------
@@ -437,7 +467,7 @@ def cut_long_audio(
     at least one Mimi frame, 80 ms); ``truncate``: only the first ``max_seconds``. A waveform
     that fits is returned whole."""
     if long_files not in LONG_FILE_RULES:
-        raise ValueError(f"long_files must be one of {LONG_FILE_RULES}, got {long_files!r}")
+        raise UserError(f"long_files must be one of {LONG_FILE_RULES}, got {long_files!r}")
     n = wave.shape[-1]
     if not max_seconds or n <= max_seconds * sample_rate:
         return [(0, wave)]
@@ -505,6 +535,7 @@ def encode_items(
     max_batch_seconds: Optional[float] = 320.0,
     progress: Optional[Callable[[int, float], None]] = None,
     logger=None,
+    normalised: Optional[List[Dict[str, Any]]] = None,
 ) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]]]:
     """Encodes ``items`` in batches of similar length; returns ``(rows, skipped)``.
 
@@ -522,17 +553,21 @@ def encode_items(
         batch_size (int): most pieces per encoder call.
         max_batch_seconds (Optional[float]): most seconds of audio per encoder call, counted
             after padding to the longest piece of the batch (bounds memory).
-        progress (Callable): called as ``progress(num_items_done, audio_seconds)``.
+        progress (Callable): called as ``progress(num_items_done, audio_seconds)``, with the
+            seconds of audio encoded (after ``max_seconds``).
         logger: where skip reasons are logged (``logger.warning``).
+        normalised (Optional[List[dict]]): if given, gets ``{"id", "path", "peak"}`` of every
+            item whose audio was normalised (peak above 1.0).
 
     Returns:
         rows (List[dict]): one per piece, with the columns of ``SHARD_SCHEMA`` (``codes`` as
             a uint16 array ``[Q, F]``).
         skipped (List[dict]): ``{"id", "path", "kind", "reason"}`` of each item that could not
-            be read or gave no frame (kind: missing, unreadable, empty, non-finite, too short,
-            invalid).
+            be read or is shorter than one Mimi frame, 80 ms (kind: missing, unreadable, empty,
+            non-finite, too short, invalid).
     """
     sr = int(codec.sample_rate)
+    frame_samples = math.ceil(sr / float(getattr(codec, "frame_rate", 12.5)))
     q = getattr(codec, "num_quantizers", None)
     order = sorted(items, key=lambda it: (source.seconds_hint(it), it.index))
     skipped: List[Dict[str, str]] = []
@@ -548,15 +583,23 @@ def encode_items(
     def pieces() -> Iterator[_Piece]:
         for item in order:
             if source.kind == "manifest" and not item.path:
-                skip(item, "missing", f"{source.location}: the row of {item.id} has no path")
+                where = f"line {item.line}" if item.line else f"the row of {item.id}"
+                skip(item, "missing", f"{source.location}, {where}: no audio path")
                 continue
+            report: Dict[str, float] = {}
             try:
-                wave = source.read(item, sr)
+                wave = source.read(item, sr, report)
             except (OSError, ValueError, TypeError, RuntimeError) as e:
                 skip(item, skip_kind(e), str(e))
                 continue
+            if wave.shape[-1] < frame_samples:
+                ms = 1000 * wave.shape[-1] / sr
+                skip(item, "too short", f"{ms:.0f} ms: shorter than one Mimi frame (80 ms)")
+                continue
+            if "peak" in report and normalised is not None:
+                normalised.append({"id": item.id, "path": item.path or "", "peak": report["peak"]})
             cut = cut_long_audio(wave, sr, max_seconds, long_files)
-            pending[item.index] = [len(cut), 0]  # pieces left, rows made
+            pending[item.index] = [len(cut), 0, 0]  # pieces left, rows made, samples encoded
             partial = len(cut) > 1 or cut[0][1].shape[-1] < wave.shape[-1]
             for k, (start, piece) in enumerate(cut):
                 yield _Piece(item, k, start, piece, wave.shape[-1], partial)
@@ -569,6 +612,7 @@ def encode_items(
             c = torch.as_tensor(c).detach().cpu()
             item, state = piece.item, pending[piece.item.index]
             state[0] -= 1
+            state[2] += piece.wave.shape[-1]
             if c.dim() != 2 or (q is not None and c.shape[0] != q):
                 raise ValueError(f"the codec gave codes of shape {tuple(c.shape)}, not [{q}, F]")
             if c.shape[-1] > 0:
@@ -596,7 +640,7 @@ def encode_items(
                 if state[1] == 0:
                     skip(item, "too short", "shorter than one Mimi frame (80 ms)")
                 elif progress is not None:
-                    progress(1, piece.source_samples / sr)
+                    progress(1, state[2] / sr)
     rows.sort(key=lambda r: (r["_index"], r["segment"]))
     for r in rows:
         del r["_index"]
@@ -611,7 +655,7 @@ def shard_name(k: int, num_shards: int) -> str:
 def shard_items(items: Sequence[AudioItem], shard_size: int) -> List[Sequence[AudioItem]]:
     """Consecutive groups of ``shard_size`` source items (the last one smaller)."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+        raise UserError(f"shard_size must be at least 1, got {shard_size}")
     return [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
 
 
@@ -641,13 +685,21 @@ def rows_to_table(rows: Sequence[Dict[str, Any]], metadata: Optional[dict] = Non
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _temporary(path)
+    try:
+        with writing(path):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -658,21 +710,16 @@ def write_shard(path: Path, rows: Sequence[Dict[str, Any]], metadata: dict) -> N
     """Writes a shard under a temporary name, syncs it, and renames it into place: a shard file
     that exists is complete."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    pq.write_table(rows_to_table(rows, metadata), tmp, compression="zstd")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def remove_stale_temporaries(output_dir: Path, shard_names: Sequence[str]) -> int:
-    """Deletes temporary files left by a killed run for the given shards (ours to redo)."""
-    n = 0
-    for name in shard_names:
-        for tmp in Path(output_dir).glob(f"{name}.tmp-*"):
-            tmp.unlink(missing_ok=True)
-            n += 1
-    return n
+    tmp = _temporary(path)
+    table = rows_to_table(rows, metadata)
+    try:
+        with writing(path):
+            pq.write_table(table, tmp, compression="zstd")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def shard_metadata(path: Path) -> dict:
@@ -681,15 +728,114 @@ def shard_metadata(path: Path) -> dict:
     return json.loads(meta.get(SHARD_METADATA_KEY, b"{}"))
 
 
+def shard_problem(path: Path, read_rows: bool = False) -> Optional[str]:
+    """None for a whole shard; else what is wrong with it: missing, or corrupt (its parquet
+    footer or our metadata cannot be read; with ``read_rows``, also its data pages)."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    try:
+        meta = pq.read_metadata(path).schema.to_arrow_schema().metadata or {}
+        json.loads(meta[SHARD_METADATA_KEY])
+        if read_rows:
+            pq.read_table(path)
+    except KeyError:
+        return "corrupt: no llama_mimi_tt metadata in its parquet footer"
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return "corrupt: " + " ".join(str(e).split())
+    return None
+
+
+# ---- claims (see the module docstring) ------------------------------------------------------
+def _holder_is_gone(host: str, pid: int, age_s: float, timeout_s: float) -> bool:
+    """The stale rule of claims and temporary files."""
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            return True  # ours, left by an earlier call in this process
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, another user's
+    return age_s > timeout_s
+
+
+def claim_holder(claim: Path, timeout_s: float) -> Optional[str]:
+    """``host:pid`` of the live process that holds a claim file; None if it is stale or gone."""
+    try:
+        info = json.loads(Path(claim).read_text())
+        age = time.time() - Path(claim).stat().st_mtime
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "unknown"  # being written right now
+    if _holder_is_gone(str(info.get("host")), int(info.get("pid", -1)), age, timeout_s):
+        return None
+    return f"{info.get('host')}:{info.get('pid')}"
+
+
+def claim_shard(path: Path, timeout_s: float) -> Optional[str]:
+    """Claims a shard for this process. None when claimed; else ``host:pid`` of the process
+    that holds it. A stale claim is taken over (see the module docstring)."""
+    claim = Path(f"{path}{CLAIM_SUFFIX}")
+    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+    for _ in range(3):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = claim_holder(claim, timeout_s)
+            if holder is not None:
+                return holder
+            claim.unlink(missing_ok=True)  # stale: take it over
+            continue
+        except OSError:
+            with writing(claim):
+                raise
+        with writing(claim), os.fdopen(fd, "w") as f:
+            f.write(body)
+        return None
+    return claim_holder(claim, timeout_s) or "unknown"
+
+
+def refresh_claim(path: Path) -> None:
+    """Marks this process's claim on a shard as alive (its modification time)."""
+    try:
+        os.utime(f"{path}{CLAIM_SUFFIX}")
+    except OSError:
+        pass
+
+
+def release_claim(path: Path) -> None:
+    Path(f"{path}{CLAIM_SUFFIX}").unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(output_dir: Path, timeout_s: float) -> int:
+    """Deletes the temporary files that killed or finished runs left (``<file>.tmp-HOST-PID``),
+    keeping those of live writers (the rule of claims)."""
+    n = 0
+    for tmp in Path(output_dir).glob("*.tmp-*"):
+        host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+        try:
+            age = time.time() - tmp.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if pid.isdigit() and _holder_is_gone(host, int(pid), age, timeout_s):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 # ---- plan and manifest -------------------------------------------------------------------
 def check_or_write_plan(output_dir: Path, plan: dict) -> dict:
     """Writes ``plan.json`` for a new cache, or checks that a resumed run builds the same one.
 
     Raises:
-        ValueError: ``output_dir`` holds a cache built with other settings or other items.
+        UserError: ``output_dir`` holds a cache built with other settings or other items.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with writing(output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / PLAN_FILE
     if not path.is_file():
         atomic_write_json(path, plan)
@@ -700,7 +846,7 @@ def check_or_write_plan(output_dir: Path, plan: dict) -> dict:
         if existing.get(k) != plan.get(k)
     ]
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"{output_dir} holds a code cache built with other settings or items, so it "
             "cannot be resumed: " + "; ".join(diffs) + ". Use a new output_dir, or the same "
             "settings to finish the existing cache."
@@ -709,11 +855,11 @@ def check_or_write_plan(output_dir: Path, plan: dict) -> dict:
 
 
 def cache_status(output_dir: Path) -> Tuple[dict, List[int]]:
-    """``(plan, missing shard indices)`` of a cache directory."""
+    """``(plan, indices of the shards still to do)`` of a cache directory: missing or corrupt."""
     output_dir = Path(output_dir)
     plan = json.loads((output_dir / PLAN_FILE).read_text())
     n = plan["num_shards"]
-    missing = [k for k in range(n) if not (output_dir / shard_name(k, n)).is_file()]
+    missing = [k for k in range(n) if shard_problem(output_dir / shard_name(k, n))]
     return plan, missing
 
 
@@ -727,15 +873,18 @@ def finalize_cache(output_dir: Path) -> Optional[dict]:
     n = plan["num_shards"]
     counts = {"items": 0, "encoded_items": 0, "rows": 0, "frames": 0, "seconds": 0.0}
     skipped: List[dict] = []
+    normalised: List[dict] = []
     for k in range(n):
         meta = shard_metadata(output_dir / shard_name(k, n))
         for key in counts:
             counts[key] += meta.get(key, 0)
         skipped += meta.get("skipped", [])
+        normalised += meta.get("normalised", [])
     reasons: Dict[str, int] = {}
     for s in skipped:
         reasons[s["kind"]] = reasons.get(s["kind"], 0) + 1
     counts["skipped"] = len(skipped)
+    counts["normalised"] = len(normalised)
     counts["hours"] = round(counts["seconds"] / 3600, 4)
     manifest = dict(plan)
     manifest.update(
@@ -743,6 +892,7 @@ def finalize_cache(output_dir: Path) -> Optional[dict]:
         counts=counts,
         skipped_by_reason=reasons,
         skipped_examples=skipped[:100],
+        normalised_examples=normalised[:100],
         shards=[shard_name(k, n) for k in range(n)],
         shard_rows=[pq.read_metadata(output_dir / shard_name(k, n)).num_rows for k in range(n)],
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -758,7 +908,7 @@ def read_cache_manifest(cache_dir: str) -> dict:
     """``cache.json`` of a finished cache, with clear errors for a missing or unfinished one."""
     d = Path(str(cache_dir)).expanduser()
     if not d.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"code cache {d} does not exist: build it with "
             f"`tune run llama_mimi_tokenize --config tokenize source=... output_dir={d}`"
         )
@@ -766,26 +916,38 @@ def read_cache_manifest(cache_dir: str) -> dict:
     if not manifest.is_file():
         if (d / PLAN_FILE).is_file():
             plan, missing = cache_status(d)
-            raise ValueError(
+            raise UserError(
                 f"code cache {d} is unfinished: {len(missing)} of {plan['num_shards']} shards "
                 "are missing. Run the same `tune run llama_mimi_tokenize` command again to "
                 "finish it (finished shards are kept)."
             )
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{d} is not a code cache (no {MANIFEST_FILE}): build one with "
-            f"`tune run llama_mimi_tokenize --config tokenize source=... output_dir={d}`"
+            f"`tune run llama_mimi_tokenize --config tokenize source=<your audio> output_dir={d}`"
         )
     info = json.loads(manifest.read_text())
     version = info.get("format_version")
     if version != CACHE_FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"code cache {d} has format_version {version}; this llama_mimi_tt reads "
             f"{CACHE_FORMAT_VERSION}. Rebuild it with tune run llama_mimi_tokenize."
         )
-    missing = [s for s in info["shards"] if not (d / s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"code cache {d} lists shards that are gone: {missing[:3]}")
+    for name in info["shards"]:
+        problem = shard_problem(d / name)
+        if problem:
+            raise corrupt_shard_error(d, d / name, problem)
     return info
+
+
+def corrupt_shard_error(cache_dir: Path, shard: Path, problem: str) -> UserError:
+    """The error for a shard that is missing or cannot be read, with how to repair it."""
+    plan_file = Path(cache_dir) / PLAN_FILE
+    source = json.loads(plan_file.read_text()).get("source") if plan_file.is_file() else None
+    return UserError(
+        f"code cache {cache_dir}: shard {shard} is {problem}. Run `tune run llama_mimi_tokenize` "
+        f"again with the settings that built it (source={source or '...'} "
+        f"output_dir={cache_dir}): it encodes that shard again and keeps the others."
+    )
 
 
 def cache_shard_files(cache_dir: str) -> List[str]:
@@ -794,7 +956,10 @@ def cache_shard_files(cache_dir: str) -> List[str]:
     d = Path(str(cache_dir)).expanduser()
     files = [str(d / s) for s, n in zip(info["shards"], info["shard_rows"]) if n > 0]
     if not files:
-        raise ValueError(f"code cache {d} holds no utterances (every file was skipped)")
+        raise UserError(
+            f"code cache {d} holds no utterances: every source file was skipped (reasons in "
+            f"{d / SKIPPED_FILE})"
+        )
     return files
 
 

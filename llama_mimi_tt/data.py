@@ -52,6 +52,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
@@ -60,14 +61,17 @@ from torchtune.utils import get_logger
 from tqdm import tqdm
 
 from llama_mimi_tt.code_cache import (
+    AUDIO_EXTENSIONS,
     MANIFEST_FILE,
     PLAN_FILE,
     cache_shard_files,
+    corrupt_shard_error,
     encode_items,
     open_audio_source,
     read_cache_manifest,
     rows_to_table,
 )
+from llama_mimi_tt.errors import MissingFileError
 
 log = get_logger("INFO")
 
@@ -670,9 +674,18 @@ def audio_token_dataset(
                 seed=seed,
                 name=name,
             )
-        rows = datasets.load_dataset(
-            "parquet", data_files=files, split="train", cache_dir=cache_dir
-        )
+        try:
+            rows = datasets.load_dataset(
+                "parquet", data_files=files, split="train", cache_dir=cache_dir
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            for f in files:  # name the shard that cannot be read (a footer can be whole)
+                try:
+                    pq.read_table(f)
+                except (OSError, ValueError, pa.ArrowException) as bad:
+                    problem = "corrupt: " + " ".join(str(bad).split())
+                    raise corrupt_shard_error(Path(source), Path(f), problem) from e
+            raise
     else:
         if codec is None:
             p = Path(str(source)).expanduser()
@@ -682,10 +695,16 @@ def audio_token_dataset(
                     f"--config tokenize source=<audio> output_dir={p}` (or give raw audio and a "
                     "codec to encode in memory)."
                 )
-            raise FileNotFoundError(
+            has_audio = p.is_dir() and any(
+                f.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS for f in p.rglob("*")
+            )
+            build = (
+                f"source={p} output_dir=<cache>" if has_audio else f"source=<audio> output_dir={p}"
+            )
+            raise MissingFileError(
                 f"{p} is not a code cache (no {MANIFEST_FILE}). Build one with `tune run "
-                f"llama_mimi_tokenize --config tokenize source={p} output_dir=<cache>`, or set "
-                "dataset.codec to encode this audio in memory."
+                f"llama_mimi_tokenize --config tokenize {build}`"
+                + (", or set dataset.codec to encode this audio in memory." if has_audio else ".")
             )
         if streaming:
             raise ValueError(

@@ -5,6 +5,9 @@ see it); anything else is a bug and keeps its traceback. ``UserError`` is a ``Va
 that callers of the Python API catch it as one.
 """
 
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class UserError(ValueError):
     """Bad input or configuration; the message names the file or key and what to do."""
@@ -12,3 +15,18 @@ class UserError(ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named (or the config implies) is not there."""
+
+
+@contextmanager
+def writing(path):
+    """Turns an ``OSError`` raised while writing ``path`` (disk full, permissions, a folder in
+    the way) into a UserError that names the path."""
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as e:
+        raise UserError(
+            f"cannot write {Path(path)}: {e.strerror or e}. Free space there (or fix its "
+            "permissions, or choose another output folder) and run the same command again."
+        ) from e

@@ -4,9 +4,14 @@ The recipe's ``tokenize(cfg)`` runs in-process here with a counting wrapper arou
 ``MimiCodec.random`` (built once: ~3 s), so every encoded waveform is seen and counted.
 """
 
+import errno
 import functools
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import datasets
@@ -28,6 +33,7 @@ from llama_mimi_tt.code_cache import (
     shard_name,
 )
 from llama_mimi_tt.codec import MimiCodec
+from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.recipe_config import config_dir
 
 # ---- a shared codec that counts what it encodes ---------------------------------------------
@@ -42,8 +48,10 @@ class CountingCodec:
     """The shared random codec; ``CountingCodec.encoded`` holds a hash of every waveform."""
 
     encoded: list = []
+    built = 0  # codecs built, to check that bad settings fail before the codec loads
 
     def __init__(self, num_quantizers: int):
+        CountingCodec.built += 1
         self.inner = _random_codec(num_quantizers)
         self.num_quantizers = num_quantizers
         self.sample_rate, self.frame_rate = self.inner.sample_rate, self.inner.frame_rate
@@ -63,6 +71,7 @@ def counting_codec(path=None, num_quantizers=4, device="cpu", seed=0):
 @pytest.fixture(autouse=True)
 def _reset_counter():
     CountingCodec.encoded = []
+    CountingCodec.built = 0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,6 +82,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (what a killed run leaves in its files)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 # ---- audio made here ------------------------------------------------------------------------
@@ -293,7 +309,7 @@ def test_half_written_shard_is_redone(reference_cache, corpus, tmp_path):
     data = victim.read_bytes()
     victim.unlink()
     (out / MANIFEST_FILE).unlink()
-    tmp = out / f"{victim.name}.tmp-somehost-12345"  # what a killed writer leaves behind
+    tmp = out / f"{victim.name}.tmp-{socket.gethostname()}-{dead_pid()}"  # a killed writer's
     tmp.write_bytes(data[: len(data) // 2])
     CountingCodec.encoded = []
     summary = run_tokenize(corpus[0], out)
@@ -352,3 +368,189 @@ def test_dataset_from_raw_audio_with_codec(corpus, tmp_path):
     assert [s["tokens"] for s in mem] == [s["tokens"] for s in cached]
     with pytest.raises(FileNotFoundError, match="not a code cache.*codec"):
         audio_token_dataset(tok, str(corpus[0]))
+
+
+# ---- corpus edge cases (issue 14) -----------------------------------------------------------
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_item_skipped_fails_and_points_at_the_skip_list(tmp_path):
+    (tmp_path / "bad").mkdir()
+    for name in ("a.wav", "b.wav"):
+        (tmp_path / "bad" / name).write_bytes(b"RIFF not audio")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"every one of the 2 source items was skipped "
+                       r"\(\{'unreadable': 2\}\).*skipped.jsonl"):  # fmt: skip
+        run_tokenize(tmp_path / "bad", out)
+    assert len(read_jsonl(out / "skipped.jsonl")) == 2
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"path": "gone1.wav"}\n{"path": "gone2.wav"}\n')
+    with pytest.raises(UserError, match=r"2 source items was skipped \(\{'missing': 2\}\)"):
+        run_tokenize(manifest, tmp_path / "out2")
+
+
+def test_broken_symlinks_are_counted_and_a_folder_stays_a_folder(tmp_path):
+    write_audio(tmp_path / "a", seconds=[0.3, 0.4])
+    (tmp_path / "a" / "link.wav").symlink_to(tmp_path / "gone.wav")
+    info = run_tokenize(tmp_path / "a", tmp_path / "out")["manifest"]
+    assert info["counts"]["items"] == 3 and info["counts"]["encoded_items"] == 2
+    assert info["skipped_by_reason"] == {"missing": 1}
+    assert "link.wav is a broken symbolic link" in info["skipped_examples"][0]["reason"]
+    # a folder of only broken links: a folder source (not a Hugging Face dataset), all skipped
+    (tmp_path / "links").mkdir()
+    for k in range(2):
+        (tmp_path / "links" / f"l{k}.flac").symlink_to(tmp_path / f"gone{k}.flac")
+    assert open_audio_source(str(tmp_path / "links")).kind == "folder"
+    with pytest.raises(UserError, match=r"2 source items was skipped \(\{'missing': 2\}\)"):
+        run_tokenize(tmp_path / "links", tmp_path / "out2")
+
+
+def test_loud_audio_is_normalised_warned_and_counted(tmp_path, caplog):
+    wave = synthetic_audio(0.5, 16000, seed=1)[0].numpy().astype(np.float64)
+    loud = wave / np.abs(wave).max() * 50.0  # a float64 wav at +-50
+    (tmp_path / "a").mkdir()
+    sf.write(tmp_path / "a" / "loud.wav", loud, 16000, subtype="DOUBLE")
+    sf.write(tmp_path / "a" / "quiet.wav", wave * 0.5, 16000)
+    summary = run_tokenize(tmp_path / "a", tmp_path / "out")
+    info = summary["manifest"]
+    assert summary["files_normalised"] == 1 and info["counts"]["normalised"] == 1
+    assert info["normalised_examples"][0]["id"] == "loud"
+    assert info["normalised_examples"][0]["peak"] == pytest.approx(50.0)
+    assert "loud.wav: samples reach 50, outside [-1, 1]: normalised" in caplog.text
+    row = pq.read_table(tmp_path / "out" / shard_name(0, 1)).to_pylist()[0]
+    stored = np.asarray(row["codes"]).reshape(4, row["num_frames"])
+    peak_one = torch.from_numpy((loud / 50.0).astype(np.float32))  # scaled, not clipped
+    assert np.array_equal(stored, _random_codec(4).encode(peak_one, 16000).numpy())
+
+
+def test_corrupt_shard_is_named_by_training_and_redone_by_tokenize(
+    reference_cache, corpus, tmp_path
+):
+    ref, _, _ = reference_cache
+    out = tmp_path / "cache"
+    run_tokenize(corpus[0], out)
+    victim = out / shard_name(2, 5)
+    data = victim.read_bytes()
+    codes = pq.ParquetFile(victim).metadata.row_group(0).column(3)
+    tok = llama_mimi_tokenizer("builtin:byte", num_quantizers=4)
+
+    def load():
+        return audio_token_dataset(tok, str(out), split="all", cache_dir=str(tmp_path / "hf"))
+
+    victim.write_bytes(data[: len(data) // 2])  # truncated: no parquet footer
+    with pytest.raises(UserError, match=rf"shard {victim} is corrupt.*Run `tune run "
+                       rf"llama_mimi_tokenize` again.*source={corpus[0]}"):  # fmt: skip
+        load()
+    # footer whole, the codes' pages overwritten: found when the rows are read
+    start = codes.dictionary_page_offset or codes.data_page_offset
+    garbage = bytearray(data)
+    garbage[start + 40 : start + codes.total_compressed_size - 10] = b"\xab" * (
+        codes.total_compressed_size - 50
+    )
+    victim.write_bytes(bytes(garbage))
+    with pytest.raises(UserError, match=rf"shard {victim} is corrupt: ZSTD decompression"):
+        load()
+    CountingCodec.encoded = []
+    summary = run_tokenize(corpus[0], out)  # the rerun reads finished shards' rows too
+    assert summary["shards_written"] == 1 and len(CountingCodec.encoded) == 2  # shard_size
+    assert summary["manifest"]["complete"]
+    assert pq.read_table(victim).equals(pq.read_table(ref / victim.name))
+    assert len(load()) == len(SECONDS)
+
+
+def test_manifest_rows_without_a_path_are_skipped_with_their_line(tmp_path):
+    paths = write_audio(tmp_path / "a", seconds=[0.3, 0.4])
+    lines = [{"text": "no path at all"}, {"path": str(paths[0])}, {"path": None, "id": "N"}]
+    lines.append({"path": str(paths[1])})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines[:2]) + "\n\n"
+                        + "\n".join(json.dumps(x) for x in lines[2:]) + "\n")  # fmt: skip
+    info = run_tokenize(manifest, tmp_path / "out")["manifest"]
+    assert info["counts"]["encoded_items"] == 2 and info["skipped_by_reason"] == {"missing": 2}
+    reasons = sorted(s["reason"] for s in read_jsonl(tmp_path / "out" / "skipped.jsonl"))
+    assert reasons == [f"{manifest}, line 1: no audio path", f"{manifest}, line 4: no audio path"]
+    csv_manifest = tmp_path / "m.csv"
+    csv_manifest.write_text(f"path,text\n,empty\n{paths[0]},ok\n")
+    src = open_audio_source(str(csv_manifest))
+    _, skipped = encode_items(src, src.items, CountingCodec(4))
+    assert [s["reason"] for s in skipped] == [f"{csv_manifest}, line 2: no audio path"]
+
+
+@pytest.mark.parametrize("problem", ["a file", "under a file", "read-only"])
+def test_output_dir_problems_fail_before_the_codec_loads(corpus, tmp_path, problem):
+    (tmp_path / "file").write_text("x")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "cache"}.get(problem)
+    if problem == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        out = tmp_path / "ro"
+        out.mkdir(mode=0o500)
+    want = {"a file": "is a file, not a folder", "under a file": "is not writable \\(Not a dir"}
+    with pytest.raises(UserError, match=rf"output_dir {out} " + want.get(problem, "is not writ")):
+        run_tokenize(corpus[0], out)
+    assert CountingCodec.built == 0
+
+
+def test_disk_full_names_the_shard_and_keeps_finished_work(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    run_tokenize(corpus[0], out, max_shards=2)
+    real_write = pq.write_table
+
+    def full(table, where, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pq, "write_table", full)
+    with pytest.raises(UserError, match=rf"cannot write {out / shard_name(2, 5)}: No space left"):
+        run_tokenize(corpus[0], out)
+    assert sorted(p.name for p in out.iterdir() if "shard-" in p.name) == [
+        shard_name(0, 5),
+        shard_name(1, 5),
+    ]  # no temporary or claim left behind
+    monkeypatch.setattr(pq, "write_table", real_write)
+    CountingCodec.encoded = []
+    assert run_tokenize(corpus[0], out)["shards_written"] == 3
+
+
+def _claim(path: Path, host: str, pid: int, age_s: float = 0.0) -> Path:
+    claim = Path(f"{path}.claim")
+    claim.write_text(json.dumps({"host": host, "pid": pid}))
+    os.utime(claim, (time.time() - age_s,) * 2)
+    return claim
+
+
+def test_claims_split_the_work_and_stale_claims_expire(corpus, tmp_path):
+    out = tmp_path / "cache"
+    run_tokenize(corpus[0], out, max_shards=1)  # shard 0 done
+    here = socket.gethostname()
+    live = _claim(out / shard_name(1, 5), here, os.getppid())  # a running process here
+    _claim(out / shard_name(2, 5), here, dead_pid())  # killed
+    other = _claim(out / shard_name(3, 5), "other-host", 1)  # fresh, elsewhere
+    _claim(out / shard_name(4, 5), "other-host", 1, age_s=7200)  # not refreshed for 2 h
+    stale_tmp = out / f"{shard_name(0, 5)}.tmp-{here}-{dead_pid()}"  # of a finished shard
+    stale_tmp.write_bytes(b"half")
+    busy_tmp = out / f"{shard_name(3, 5)}.tmp-other-host-1"
+    busy_tmp.write_bytes(b"being written")
+    summary = run_tokenize(corpus[0], out)
+    assert summary["shards_written"] == 2 and summary["manifest"] is None
+    done = sorted(p.name for p in out.glob("shard-*.parquet"))
+    assert done == [shard_name(k, 5) for k in (0, 2, 4)]
+    assert sorted(p.name for p in out.glob("*.claim")) == [live.name, other.name]
+    assert not stale_tmp.exists() and busy_tmp.exists()
+    live.unlink()
+    other.unlink()
+    assert run_tokenize(corpus[0], out)["manifest"]["complete"]
+
+
+def test_truncate_summary_counts_what_was_encoded(tmp_path):
+    write_audio(tmp_path / "a", seconds=[2.3])
+    summary = run_tokenize(tmp_path / "a", tmp_path / "t", max_seconds=1.0, long_files="truncate")
+    assert summary["audio_seconds"] == pytest.approx(1.0, abs=1e-3)
+    assert summary["manifest"]["counts"]["seconds"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_shorter_than_a_frame_is_skipped(tmp_path):
+    write_audio(tmp_path / "a", seconds=[0.01, 0.1])
+    info = run_tokenize(tmp_path / "a", tmp_path / "out")["manifest"]
+    assert info["counts"]["encoded_items"] == 1 and info["skipped_by_reason"] == {"too short": 1}
+    assert info["skipped_examples"][0]["reason"] == "10 ms: shorter than one Mimi frame (80 ms)"
