@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from llama_mimi_tt.loading import load_model
+from llama_mimi_tt.quantize import parse_quantize, quantize_model
 from llama_mimi_tt.recipe_config import run_recipe
 from llama_mimi_tt.serve import ContinuationBatcher, ServeLimits, serve
 
@@ -25,11 +26,13 @@ def recipe_main(cfg: DictConfig) -> None:
     limits = ServeLimits(**{k: cfg[k] for k in ServeLimits.__dataclass_fields__ if k in cfg})
     device = utils.get_device(cfg.get("device", "cpu"))
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device)
+    quant = parse_quantize(cfg.get("quantize"), cfg.get("quantize_group_size", 128))
     tokenizer = config.instantiate(cfg.tokenizer)
     codec = config.instantiate(cfg.codec)
     if str(cfg.codec.get("path")) == "random":
         log.warning("!!! codec.path=random: an UNTRAINED Mimi decodes the codes. !!!")
-    model = load_model(cfg, device, dtype)
+    model = quantize_model(load_model(cfg, device, dtype), quant, device)
+    log.info(f"precision: {quant.describe(device)}")
     name = cfg.get("model_dir") or cfg.model._component_
     batcher = ContinuationBatcher(model, codec, tokenizer.vocab, tokenizer.bos_id, limits, name)
     api_key = os.environ.get(cfg.api_key_env) if cfg.get("api_key_env") else None
