@@ -1,0 +1,326 @@
+"""Batch-1 decoding at the Llama-Mimi-1.3B shape per weight precision (``quantize``), against
+transformers ``generate`` in fp32 and bf16 on the same weights, in the same run.
+
+Shape: 16 layers x 2048, GQA 32/8, MLP 8192, tied embeddings, vocabulary 136,450 (Q = 4),
+random N(0, 0.02) weights (no download). Prompt: ``<bos> <audio>`` + 25 frames (2 s, 102
+tokens); reference sampling (temperature 0.8, top-k 30). For every precision:
+
+- tokens/s of whole ``generate`` calls (prefill included) for ours and the peer, best of N,
+  ours and the peer interleaved; the prefill time and the decode-only time per token.
+- bytes read per token: the weights a decode step reads (ours: the decoder layers, one
+  embedding row, one 2048-row level head; transformers: the layers and the full vocabulary
+  projection), and the share of the bandwidth limit ``bandwidth / bytes per token`` reached.
+  Bandwidth: the best of several probes (a large copy counted read + write, and a read-only
+  sum), taken before and after the timings.
+- quality against fp32 on a fixed 200-token sequence: max |logit difference| and mean
+  KL(fp32 || precision) over all 200 positions and the full vocabulary; top-1 agreement; and
+  the agreement of greedy continuations over 128 tokens (share of equal tokens, first
+  divergence). Random weights are not trained ones: check a real checkpoint before relying on
+  int4.
+
+    python bench/bench_quantize.py [--quick] [--write]   # --write: its section of RESULTS.md
+
+Memory: the fp32 model (5 GB) plus one other copy at a time (the transformers model, then each
+precision built from the fp32 state dict in bf16).
+"""
+
+import argparse
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchtune import training
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_generate import REFERENCE, _hf_copy, _prompt, _time_hf, cpu_threads  # noqa: E402
+
+from llama_mimi_tt.generation import LevelHeads, SamplingParams, generate  # noqa: E402
+from llama_mimi_tt.models import SHAPES, llama_mimi_1b  # noqa: E402
+from llama_mimi_tt.quantize import (  # noqa: E402
+    parse_quantize,
+    quantize_model,
+    weight_bytes_per_token,
+)
+from llama_mimi_tt.vocab import MimiVocab  # noqa: E402
+
+Q = 4
+SHAPE = SHAPES["1b"]
+GREEDY = SamplingParams(temperature=0.0, top_k=None)
+PRECISIONS = ["none", "bf16", "int8", "int4"]
+GOAL_TOKENS_PER_S = {"bf16": 7.0, "int4": 25.0}
+GOAL_VS_HF_BF16 = {"bf16": 1.2, "int4": 3.0}
+SECTION = "## Quantized decoding at the Llama-Mimi-1.3B shape (bench_quantize.py)"
+
+
+def bandwidth_probe(nbytes=512 * 2**20, repeats=5) -> float:
+    """Best bytes/s of a large copy (read + write counted) and of a read-only sum."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, 2 * nbytes / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        src.sum()
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def build_fp32(vocab, max_seq_len=512):
+    torch.manual_seed(0)
+    model = llama_mimi_1b(num_quantizers=Q, max_seq_len=max_seq_len).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def build_precision(fp32_model, precision, vocab):
+    """A bf16 copy of the fp32 model (never a second fp32 copy), then ``quantize_model``."""
+    if precision == "none":
+        return fp32_model
+    with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
+        model = llama_mimi_1b(num_quantizers=Q, max_seq_len=fp32_model.max_seq_len)
+    model.to_empty(device="cpu")
+    model.load_state_dict(fp32_model.state_dict())  # copies into the bf16 parameters
+    for m in model.modules():  # buffers (the RoPE cache) were made on meta: compute them
+        if hasattr(m, "rope_init"):
+            m.rope_init()
+    return quantize_model(model.eval(), parse_quantize(precision), torch.device("cpu"))
+
+
+def decode_bytes(model, vocab) -> int:
+    """Weight bytes one decode step of ours reads."""
+    emb = next(model.tok_embeddings.parameters())
+    head = LevelHeads(model, vocab).heads[1]
+    norm = sum(p.numel() * p.element_size() for p in model.norm.parameters())
+    return (
+        weight_bytes_per_token(model)
+        + norm
+        + emb[0].numel() * emb.element_size()
+        + head.numel() * head.element_size()
+    )
+
+
+def time_ours(model, prompt, vocab, new_tokens, params=REFERENCE):
+    t0 = time.perf_counter()
+    out = generate(
+        model, prompt, vocab, new_tokens // Q, semantic=params, acoustic=params, stop_at_end=False
+    )
+    return time.perf_counter() - t0, out
+
+
+@torch.no_grad()
+def logits_of(model, ids) -> torch.Tensor:
+    return model(ids)[0].float()
+
+
+def quality(logits, ref_logits, greedy, ref_greedy) -> dict:
+    logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    same = greedy == ref_greedy
+    diverge = int((~same).nonzero()[0]) if (~same).any() else len(same)
+    return dict(
+        max_logit_diff=float((logits - ref_logits).abs().max()),
+        mean_kl=float(kl.mean()),
+        top1=float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
+        greedy_agree=float(same.float().mean()),
+        first_divergence=diverge,
+    )
+
+
+def run(quick: bool = False, new_tokens=None, repeats=None, greedy_tokens=None) -> list:
+    load = os.getloadavg()
+    threads = cpu_threads()
+    torch.set_num_threads(threads)
+    vocab = MimiVocab(num_quantizers=Q)
+    defaults = (16, 1, 16) if quick else (48, 3, 128)
+    new_tokens = new_tokens or defaults[0]
+    repeats = repeats or defaults[1]
+    greedy_tokens = greedy_tokens or defaults[2]
+    prompt = _prompt(vocab, frames=25)  # 102 tokens, 2 s of audio
+    seq = _prompt(vocab, frames=50, seed=1)[:, :200]  # the fixed 200-token quality sequence
+    bw = [bandwidth_probe()]
+
+    fp32 = build_fp32(vocab)
+    ref_logits = logits_of(fp32, seq)
+    _, ref_out = time_ours(fp32, prompt, vocab, greedy_tokens, GREEDY)
+    ref_greedy = ref_out.generated[0]
+
+    # the peers: transformers in fp32, then (converted in place) in bf16
+    hf = _hf_copy(fp32, SHAPE, vocab.size)
+    peer, peer_bytes = {}, {}
+    results = {}
+    for hf_dtype in ("fp32", "bf16"):
+        if hf_dtype == "bf16":
+            hf.to(torch.bfloat16)
+        _time_hf(hf, prompt, 2)  # warm-up
+        peer_bytes[hf_dtype] = sum(p.numel() * p.element_size() for p in hf.parameters())
+        t_full, t_one = [], []
+        ours_runs = []
+        for _ in range(repeats):  # interleaved with ours in fp32 (the first row of the table)
+            t_full.append(_time_hf(hf, prompt, new_tokens))
+            t_one.append(_time_hf(hf, prompt, 1))
+            if hf_dtype == "fp32":
+                ours_runs.append(time_ours(fp32, prompt, vocab, new_tokens))
+        peer[hf_dtype] = dict(s=min(t_full), s_token=(min(t_full) - min(t_one)) / (new_tokens - 1))
+        if hf_dtype == "fp32":
+            results["none"] = ours_runs
+        bw.append(bandwidth_probe())
+    del hf
+    gc.collect()
+
+    rows_q = {}
+    for precision in PRECISIONS:
+        model = build_precision(fp32, precision, vocab)
+        if precision != "none":
+            time_ours(model, prompt, vocab, 2 * Q)  # warm-up
+            results[precision] = [
+                time_ours(model, prompt, vocab, new_tokens) for _ in range(repeats)
+            ]
+            _, g = time_ours(model, prompt, vocab, greedy_tokens, GREEDY)
+            qual = quality(logits_of(model, seq), ref_logits, g.generated[0], ref_greedy)
+        else:
+            qual = quality(ref_logits, ref_logits, ref_greedy, ref_greedy)
+        runs = results[precision]
+        rows_q[precision] = dict(
+            s=min(t for t, _ in runs),
+            s_token=min(o.decode_s / (new_tokens - 1) for _, o in runs),
+            prefill_s=min(o.prefill_s for _, o in runs),
+            bytes=decode_bytes(model, vocab),
+            **qual,
+        )
+        if precision != "none":
+            del model
+            gc.collect()
+        bw.append(bandwidth_probe())
+    bandwidth = max(bw)
+    return _rows(
+        rows_q, peer, peer_bytes, bandwidth, bw, new_tokens, repeats, greedy_tokens, threads, load
+    )
+
+
+def _rows(rows_q, peer, peer_bytes, bandwidth, bw, new_tokens, repeats, greedy, threads, load):
+    common = (
+        f"CPU, {threads} thread(s), {os.cpu_count()} cores, load average "
+        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at start (the machine was shared); "
+        f"{new_tokens} new tokens after a 102-token prompt, best of {repeats}; tokens/s and "
+        "ratios are decode steps (prefill apart; transformers: a 1-token call subtracted); "
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s (best of probes {min(bw) / 1e9:.1f}-"
+        f"{max(bw) / 1e9:.1f})"
+    )
+    rows = []
+    for hf_dtype in ("fp32", "bf16"):
+        p = peer[hf_dtype]
+        rows.append(
+            dict(
+                benchmark=f"quantize: transformers generate, {hf_dtype} (the peer)",
+                metric="tokens/s",
+                ours=None,
+                peer=1 / p["s_token"],
+                peer_name=f"transformers {hf_dtype}",
+                ratio=None,
+                goal="",
+                met=None,
+                notes=f"{1e3 * p['s_token']:.0f} ms per decode step, whole call "
+                f"{new_tokens / p['s']:.2f} tokens/s, "
+                f"{peer_bytes[hf_dtype] / 1e9:.2f} GB read per token, "
+                f"{100 * peer_bytes[hf_dtype] / p['s_token'] / bandwidth:.0f}% of its bandwidth "
+                "limit",
+            )
+        )
+    for precision, r in rows_q.items():
+        tps = 1 / r["s_token"]
+        vs_bf16 = peer["bf16"]["s_token"] / r["s_token"]
+        share = r["bytes"] / r["s_token"] / bandwidth
+        goals, met = ["share >= 50%"], [share >= 0.5]
+        if precision in GOAL_TOKENS_PER_S:
+            goals.append(f">= {GOAL_TOKENS_PER_S[precision]:g} tokens/s")
+            met.append(tps >= GOAL_TOKENS_PER_S[precision])
+            goals.append(f">= {GOAL_VS_HF_BF16[precision]:g}x HF bf16")
+            met.append(vs_bf16 >= GOAL_VS_HF_BF16[precision])
+        if precision == "int8":
+            goals.append("faster than bf16")
+            met.append(r["s_token"] < rows_q["bf16"]["s_token"])
+        name = "fp32 (none)" if precision == "none" else precision
+        rows.append(
+            dict(
+                benchmark=f"quantize: ours {name}",
+                metric="tokens/s (vs HF bf16)",
+                ours=tps,
+                peer=1 / peer["bf16"]["s_token"],
+                peer_name="transformers bf16, same run",
+                ratio=vs_bf16,
+                goal="; ".join(goals),
+                met=all(met),
+                notes=f"vs HF fp32 {peer['fp32']['s_token'] / r['s_token']:.2f}x; whole call "
+                f"{new_tokens / r['s']:.2f} tokens/s ({peer['bf16']['s'] / r['s']:.2f}x HF bf16); "
+                f"{1e3 * r['s_token']:.0f} ms per decode step, prefill {r['prefill_s']:.2f} s; "
+                f"{r['bytes'] / 1e9:.3f} GB per token, {100 * share:.0f}% of its bandwidth limit "
+                f"({bandwidth / r['bytes']:.1f} tokens/s); goals met: "
+                + ", ".join(f"{g}: {'yes' if m else 'no'}" for g, m in zip(goals, met))
+                + f"; quality vs fp32: max |logit diff| {r['max_logit_diff']:.3g}, mean KL "
+                f"{r['mean_kl']:.2e}, top-1 {100 * r['top1']:.0f}%, greedy {greedy}-token agreement "
+                f"{100 * r['greedy_agree']:.0f}% (first divergence at {r['first_divergence']})",
+            )
+        )
+    rows[0]["notes"] = common + "; " + rows[0]["notes"]
+    for r in rows:
+        r["setup"] = common
+    return rows
+
+
+def markdown(rows) -> str:
+    """The section for bench/RESULTS.md: a table per precision, then the notes."""
+    head = rows[0]["setup"]
+    lines = [
+        SECTION,
+        "",
+        f"Written by `python bench/bench_quantize.py --write`. {head}.",
+        "",
+        "| route | tokens/s | vs HF bf16 | notes |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        tps = r["ours"] if r["ours"] is not None else r["peer"]
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
+        note = r["notes"][len(head) + 2 :] if r["notes"].startswith(head) else r["notes"]
+        lines.append(f"| {r['benchmark'].split(': ', 1)[1]} | {tps:.2f} | {ratio} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str, path: Path = HERE / "RESULTS.md") -> None:
+    """Replaces this benchmark's section of RESULTS.md (or appends it), leaving the rest."""
+    old = path.read_text() if path.exists() else ""
+    if SECTION in old:
+        before, rest = old.split(SECTION, 1)
+        after = rest[rest.find("\n## ") :] if "\n## " in rest else ""
+        new = before + text + after
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    path.write_text(new)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--write", action="store_true", help="write its section of RESULTS.md")
+    parser.add_argument("--new-tokens", type=int, help="timed tokens per call (default 48)")
+    parser.add_argument("--repeats", type=int, help="timed calls per route (default 3)")
+    parser.add_argument("--greedy-tokens", type=int, help="greedy agreement length (default 128)")
+    args = parser.parse_args()
+    rows = run(args.quick, args.new_tokens, args.repeats, args.greedy_tokens)
+    for row in rows:
+        print(row)
+    text = markdown(rows)
+    print(text)
+    if args.write:
+        write_section(text)
