@@ -63,12 +63,12 @@ def _train(workdir: Path, name: str, steps: int, packed: bool):
         OmegaConf.load(resolve_config("tiny_full")),
         OmegaConf.from_dotlist([f"{k}={v}" for k, v in args.items()]),
     )
-    recipe = llama_mimi_full.LlamaMimiFullSingleDevice(cfg=cfg)
+    recipe = llama_mimi_full.LlamaMimiFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     logged = []
     log_dict = recipe._metric_logger.log_dict
     recipe._metric_logger.log_dict = lambda d, step: (logged.append(d), log_dict(d, step))
-    recipe.save_checkpoint = lambda epoch: None  # time training, not checkpoint writing
+    recipe.save_checkpoint = lambda hf: None  # time training, not checkpoint writing
     t0 = time.perf_counter()
     recipe.train()
     wall = time.perf_counter() - t0

@@ -153,8 +153,8 @@ def main(argv=None) -> None:
             logs / "train.log",
         )
         train, val, tps = read_losses(train_dir)
-        epochs = sorted(train_dir.glob("epoch_*"), key=lambda d: int(d.name.split("_")[1]))
-        model_dir = epochs[-1]
+        steps = sorted(train_dir.glob("step_*"), key=lambda d: int(d.name.split("_")[1]))
+        model_dir = steps[-1]
         plot_losses(train, val, out / "loss.png")
 
     # 3. generate a continuation of the prompt clip
@@ -163,7 +163,6 @@ def main(argv=None) -> None:
 
     prompt = load_audio(args.prompt, 24000)[: int(args.prompt_seconds * 24000)]
     prompt_path = save_audio(out / "prompt.wav", prompt, 24000)
-    shards = sorted(p.name for p in model_dir.glob("model*.safetensors"))
     tiny = not (args.llama or args.llama_mimi)
     gen_args = [
         "llama_mimi_generate",
@@ -177,8 +176,6 @@ def main(argv=None) -> None:
         f"codec.path={codec_path}",
         "checkpointer._component_=llama_mimi_tt.LlamaMimiCheckpointer",
         f"checkpointer.checkpoint_dir={model_dir}",
-        f"checkpointer.checkpoint_files=[{','.join(shards)}]",
-        f"checkpointer.output_dir={gen_dir / 'unused'}",
         "checkpointer.model_type=LLAMA3_2",
         f"checkpointer.num_quantizers={q}",
     ]

@@ -12,12 +12,18 @@ Only ``tokenizers`` is needed, not transformers.
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from llama_mimi_tt.tokenizer import BUILTIN_BYTE_TOKENIZER, byte_tokenizer_path
+from llama_mimi_tt.tokenizer import (
+    BOS,
+    BUILTIN_BYTE_TOKENIZER,
+    EOS,
+    byte_tokenizer_path,
+    llama3_special_tokens,
+)
 from llama_mimi_tt.vocab import MimiVocab
 
 # Llama 3's pre-tokenizer pattern (tiktoken's cl100k), as in Meta's tokenizer and torchtune's
@@ -25,29 +31,8 @@ LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-BOS = "<|begin_of_text|>"
-EOS = "<|end_of_text|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TIKTOKEN_FILES = ("original/tokenizer.model", "tokenizer.model")
-
-
-def llama3_special_tokens() -> List[str]:
-    """The 256 special tokens that follow the BPE ranks, named as in the Hugging Face
-    Llama 3.1 / 3.2 ``tokenizer.json`` (ids ``num_ranks + i``)."""
-    named = {
-        0: BOS,
-        1: EOS,
-        2: "<|reserved_special_token_0|>",
-        3: "<|reserved_special_token_1|>",
-        4: "<|finetune_right_pad_id|>",
-        5: "<|reserved_special_token_2|>",
-        6: "<|start_header_id|>",
-        7: "<|end_header_id|>",
-        8: "<|eom_id|>",
-        9: "<|eot_id|>",
-        10: "<|python_tag|>",
-    }
-    return [named.get(i, f"<|reserved_special_token_{i - 8}|>") for i in range(256)]
 
 
 def bytes_to_unicode() -> Dict[int, str]:

@@ -13,8 +13,8 @@ from typing import Dict, List, Optional
 import torch
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import training
-from torchtune.models.llama3_1._component_builders import llama3_1, lora_llama3_1
-from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
+from torchtune.models.llama3_1 import llama3_1, lora_llama3_1
+from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.modules import TiedLinear, TransformerDecoder
 from torchtune.modules.peft import LORA_ATTN_MODULES, get_adapter_params
 

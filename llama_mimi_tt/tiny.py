@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torchtune.models.convert_weights import tune_to_hf
-from torchtune.models.llama3_2._component_builders import llama3_2
+from torchtune.models.llama3_2 import llama3_2
 
 from llama_mimi_tt.models import SHAPES
 from llama_mimi_tt.tokenizer import byte_tokenizer_path

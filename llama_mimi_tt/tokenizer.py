@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
-from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS, Llama3Tokenizer
+from torchtune.models.llama3 import Llama3Tokenizer
 from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
 
 from llama_mimi_tt.vocab import MimiVocab
 
 BUILTIN_BYTE_TOKENIZER = "builtin:byte"
-_LLAMA3_FIRST_SPECIAL_ID = 128000
+BOS = "<|begin_of_text|>"
+EOS = "<|end_of_text|>"
 
 
 def byte_tokenizer_path() -> str:
@@ -32,13 +33,33 @@ def byte_tokenizer_path() -> str:
     return str(resources.files("llama_mimi_tt") / "assets" / "byte_bpe.tiktoken")
 
 
-def _special_tokens_after(num_ranks: int) -> dict:
-    """Llama 3's special tokens shifted so that they follow ``num_ranks`` BPE ranks (the real
-    file has 128000 ranks, which gives Llama 3's own ids)."""
-    return {
-        name: num_ranks + (i - _LLAMA3_FIRST_SPECIAL_ID)
-        for name, i in LLAMA3_SPECIAL_TOKENS.items()
+def llama3_special_tokens() -> List[str]:
+    """The 256 special tokens that follow the BPE ranks, named as in the Hugging Face
+    Llama 3.1 / 3.2 ``tokenizer.json`` (ids ``num_ranks + i``)."""
+    named = {
+        0: BOS,
+        1: EOS,
+        2: "<|reserved_special_token_0|>",
+        3: "<|reserved_special_token_1|>",
+        4: "<|finetune_right_pad_id|>",
+        5: "<|reserved_special_token_2|>",
+        6: "<|start_header_id|>",
+        7: "<|end_header_id|>",
+        8: "<|eom_id|>",
+        9: "<|eot_id|>",
+        10: "<|python_tag|>",
     }
+    return [named.get(i, f"<|reserved_special_token_{i - 8}|>") for i in range(256)]
+
+
+def _special_tokens_after(num_ranks: int) -> dict:
+    """Llama 3's special tokens placed after ``num_ranks`` BPE ranks (the real file has 128000
+    ranks, which gives Llama 3's own ids), plus the two names torchtune's ``Llama3Tokenizer``
+    requires beyond them (``<|step_id|>``, ``<|image|>``), at the ids torchtune gives them."""
+    tokens = {name: num_ranks + i for i, name in enumerate(llama3_special_tokens())}
+    tokens["<|step_id|>"] = num_ranks + 5
+    tokens["<|image|>"] = num_ranks + 256
+    return tokens
 
 
 class LlamaMimiTokenizer:

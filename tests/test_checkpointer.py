@@ -193,10 +193,13 @@ def test_mismatched_checkpoints_are_refused(tmp_path):
     ckpt = checkpointer(q8tok, tmp_path / "o4", tokenizer_path=str(q8tok))
     with pytest.raises(ValueError, match=r"audio tokens for num_quantizers=8"):
         ckpt.write_hf_files(tmp_path / "o4" / "x")
-    # no tokenizer at all
+    # no tokenizer at all: the weights load (no tokenizer is needed for that); saving, which
+    # writes the extended tokenizer, says which file is missing
     bare = make_tiny_hf_llama(tmp_path / "bare", tokenizer="none")
+    ckpt = checkpointer(bare, tmp_path / "o5")
+    assert ckpt.load_checkpoint()["model"]["tok_embeddings.weight"].shape[0] == ckpt.vocab_size
     with pytest.raises(FileNotFoundError, match="original/tokenizer.model"):
-        checkpointer(bare, tmp_path / "o5")
+        ckpt.write_hf_files(tmp_path / "o5" / "x")
 
 
 def _toy_tiktoken_ranks(text: str, num_merges: int = 300):

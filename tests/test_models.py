@@ -135,10 +135,12 @@ def test_lora_trains_audio_rows_and_lora_only_and_exports_merged(tmp_path, tie):
         lora_logits = model(ids)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     assert "tok_embeddings.weight" in sd and not any("text_weight" in k for k in sd)
-    adapter = get_adapter_state_dict(sd)
+    # the training recipe puts the trained audio rows into the adapter dict, explicitly
+    rows = audio_rows_state_dict(model)
+    assert set(rows) == audio
+    adapter = {**get_adapter_state_dict(sd), **rows}
     merged = get_merged_lora_ckpt(sd, rank=args["lora_rank"], alpha=args["lora_alpha"])
-    recipe_state = {"epochs_run": 1, "seed": 0, "total_epochs": 2, "max_steps_per_epoch": 3}
-    ckpt.save_checkpoint(
+    out = ckpt.save_checkpoint(
         {
             training.MODEL_KEY: merged,
             training.ADAPTER_KEY: adapter,
@@ -148,37 +150,24 @@ def test_lora_trains_audio_rows_and_lora_only_and_exports_merged(tmp_path, tie):
                 "target_modules": ["q_proj"],
                 "peft_type": "LORA",
             },
-            **recipe_state,
         },
         epoch=0,
-        intermediate_checkpoint=True,
     )
-    out = tmp_path / "out" / "epoch_0"
+    assert out == tmp_path / "out" / "epoch_0"
     d = (hf_logits(out, ids) - lora_logits).abs().max().item()
     print(
         f"\n[tie={tie}] merged LoRA export vs LoRA model, transformers logits: max abs diff {d:.2e}"
     )
     assert d <= 1e-4
 
-    # the adapter checkpoint holds the trained audio rows; resuming restores the model exactly
+    # the adapter checkpoint holds the trained audio rows: base + adapter = the LoRA model
     saved = torch.load(out / "adapter_model.pt", weights_only=True)
-    rows = audio_rows_state_dict(model)
-    assert set(rows) == audio
-    for k, v in rows.items():  # the output's rows are un-merged from the merged weight (untied)
-        torch.testing.assert_close(saved[k], v, rtol=0, atol=0 if k.startswith("tok") else 1e-6)
-    resumed_ckpt = LlamaMimiCheckpointer(
-        str(tmp_path / "base"),
-        ["model.safetensors"],
-        "LLAMA3_2",
-        str(tmp_path / "out"),
-        num_quantizers=Q,
-        text_vocab_size=T,
-        should_load_recipe_state=True,
-    )
-    loaded = resumed_ckpt.load_checkpoint()
+    for k, v in rows.items():
+        assert torch.equal(saved[k], v)
+    base = LlamaMimiCheckpointer(str(tmp_path / "base"), num_quantizers=Q, text_vocab_size=T)
     resumed = lora_llama_mimi_tiny(**args).eval()
-    resumed.load_state_dict(loaded[training.MODEL_KEY], strict=False)
-    _, unexpected = resumed.load_state_dict(loaded[training.ADAPTER_KEY], strict=False)
+    resumed.load_state_dict(base.load_checkpoint()[training.MODEL_KEY], strict=False)
+    _, unexpected = resumed.load_state_dict(saved, strict=False)
     assert not unexpected
     with torch.no_grad():
         torch.testing.assert_close(resumed(ids), lora_logits, rtol=0, atol=0 if tie else 1e-5)

@@ -1,10 +1,14 @@
 """llama_mimi_full and llama_mimi_lora on CPU: the loss falls, FSDP2 over gloo agrees with one
-process, LoRA changes only what it should, and resuming continues exactly."""
+process, LoRA changes only what it should, and a run killed with SIGKILL (at a random step, or
+inside a save) and resumed continues exactly as the uninterrupted run."""
 
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,18 +58,36 @@ def overrides(workdir, out, **extra):
 
 
 def losses_from_log(out: Path):
-    """(step, loss) pairs from torchtune's DiskLogger file."""
-    text = "".join(p.read_text() for p in sorted((out / "logs").glob("log_*.txt")))
-    return [(int(s), float(v)) for s, v in re.findall(r"Step (\d+) \| loss:([0-9.eE+-]+)", text)]
+    """(step, loss) pairs from torchtune's DiskLogger files, oldest run first; a step logged
+    by several runs (killed, then resumed) keeps the latest value."""
+    losses = {}
+    for log in sorted((out / "logs").glob("log_*.txt"), key=lambda p: p.stat().st_mtime_ns):
+        for s, v in re.findall(r"Step (\d+) \| loss:([0-9.eE+-]+)", log.read_text()):
+            losses[int(s)] = float(v)
+    return sorted(losses.items())
+
+
+def last_step_dir(out: Path) -> Path:
+    return max(out.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def tune_env(nproc=None):
+    return {**os.environ, "OMP_NUM_THREADS": "1" if nproc else "2"}
+
+
+def tune_cmd(args, nproc=None):
+    return [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc else []) + args
 
 
 def tune_run(args, cwd, nproc=None):
-    cmd = [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc else []) + args
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1" if nproc else os.environ.get("OMP_NUM_THREADS", "2"),
-    }
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(
+        tune_cmd(args, nproc),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=tune_env(nproc),
+    )
     if r.returncode:
         errors = [ln for ln in r.stderr.splitlines() if "Error" in ln or "error:" in ln]
         raise AssertionError("\n".join(errors[-20:]) + "\n" + r.stderr[-4000:])
@@ -82,7 +104,7 @@ def test_full_run_loss_falls_and_output_loads_in_transformers(workdir):
     out = workdir / "full"
     tune_run(
         ["llama_mimi_full", "--config", "tiny_full"]
-        + overrides(workdir, out, epochs=10, batch_size=2, **{"dataset.packed": True}),
+        + overrides(workdir, out, **FULL, **{"dataset.packed": True}),
         cwd=workdir,
     )
     losses = [loss for _, loss in losses_from_log(out)]
@@ -94,16 +116,9 @@ def test_full_run_loss_falls_and_output_loads_in_transformers(workdir):
     # the last epoch loads in transformers and gives our model's logits
     from transformers import AutoModelForCausalLM
 
-    epoch_dir = sorted(out.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
-    hf = AutoModelForCausalLM.from_pretrained(epoch_dir, torch_dtype=torch.float32).eval()
-    ckpt = LlamaMimiCheckpointer(
-        checkpoint_dir=str(epoch_dir),
-        checkpoint_files=["model-00001-of-00001.safetensors"],
-        model_type="LLAMA3_2",
-        output_dir=str(workdir / "reload"),
-        num_quantizers=4,
-        text_vocab_size=512,
-    )
+    final = last_step_dir(out)
+    hf = AutoModelForCausalLM.from_pretrained(final, torch_dtype=torch.float32).eval()
+    ckpt = LlamaMimiCheckpointer(checkpoint_dir=str(final), num_quantizers=4, text_vocab_size=512)
     ours = llama_mimi_tiny(num_quantizers=4)
     ours.load_state_dict(ckpt.load_checkpoint()["model"])
     ids = torch.tensor([[256, 8704, *range(600, 640), 8705]])
@@ -134,18 +149,178 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(workdir):
     assert max(diffs) < 1e-4, (a, b)
 
 
-def _run_in_process(module, cls_name, cfg):
-    import importlib
+def run_and_kill(args, cwd, out, at_step, nproc=None):
+    """Starts ``tune run``, and SIGKILLs it (all its processes) once step ``at_step`` is logged."""
+    with open(out.parent / f"{out.name}.killed.log", "w") as errors:
+        p = subprocess.Popen(
+            tune_cmd(args, nproc),
+            cwd=cwd,
+            env=tune_env(nproc),
+            stdout=errors,
+            stderr=errors,
+            start_new_session=True,
+        )
+        deadline = time.time() + 300
+        while not any(s >= at_step for s, _ in losses_from_log(out)):
+            assert p.poll() is None, f"the run ended before step {at_step}"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    return max(s for s, _ in losses_from_log(out))
 
-    mod = importlib.import_module(module)
-    recipe = getattr(mod, cls_name)(cfg=cfg)
+
+def resumed_equals_uninterrupted(reference, out, args, cwd, nproc=None):
+    r = tune_run(args + ["resume_from_checkpoint=True"], cwd=cwd, nproc=nproc)
+    resumed_from = int(re.search(r"resuming from \S*step_(\d+)", r.stderr).group(1))
+    ref, got = losses_from_log(reference), losses_from_log(out)
+    assert [s for s, _ in got] == [s for s, _ in ref]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=0, atol=1e-6)
+    return resumed_from, len(ref) - resumed_from
+
+
+def random_step(low, high):
+    step = int(os.environ.get("KILL_AT_STEP", random.randint(low, high)))
+    print(f"killing at step {step} (rerun with KILL_AT_STEP={step} to repeat)")
+    return step
+
+
+FULL = dict(epochs=10, batch_size=2, save_every_n_steps=4, keep_last_n_checkpoints=3)
+
+
+def test_full_killed_at_a_random_step_resumes_exactly(workdir):
+    reference = workdir / "full"  # test_full_run_loss_falls_... ran these settings uninterrupted
+    if not (reference / "logs").is_dir():
+        tune_run(
+            ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, reference, **FULL),
+            workdir,
+        )
+    out = workdir / "full_killed"
+    args = ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, **FULL)
+    killed = run_and_kill(args, workdir, out, random_step(5, 38))
+    resumed_from, rest = resumed_equals_uninterrupted(reference, out, args, workdir)
+    print(f"full: killed after step {killed}, resumed from step_{resumed_from}, {rest} steps equal")
+    assert resumed_from == killed - killed % 4
+    # keep_last_n_checkpoints=3: only the newest three folders stay
+    assert sorted(int(p.name[5:]) for p in out.glob("step_*")) == [32, 36, 40]
+
+
+def test_killed_inside_a_save_resumes_from_the_previous_checkpoint(workdir):
+    """SIGKILL when step 8's checkpoint is written whole but not yet renamed into place."""
+    reference = workdir / "full"
+    if not (reference / "logs").is_dir():
+        tune_run(
+            ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, reference, **FULL),
+            workdir,
+        )
+    out = workdir / "killed_in_save"
+    args = ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, **FULL)
+    script = (
+        "import os, runpy, signal, sys\n"
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    if str(src).endswith('.step_8.tmp'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(src, dst)\n"
+        "os.replace = replace\n"
+        f"sys.argv = {args!r}\n"
+        "runpy.run_module('llama_mimi_full', run_name='__main__')\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script], cwd=workdir, env=tune_env(), capture_output=True
+    )
+    assert r.returncode == -signal.SIGKILL
+    assert (out / ".step_8.tmp" / "recipe_state.json").is_file() and not (out / "step_8").exists()
+    resumed_from, _ = resumed_equals_uninterrupted(reference, out, args, workdir)
+    assert resumed_from == 4 and not (out / ".step_8.tmp").exists()
+
+
+def test_a_finished_run_trains_nothing_and_a_changed_config_is_refused(workdir):
+    out = workdir / "finished"
+    args = ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, epochs=1)
+    tune_run(args, workdir)
+    steps = losses_from_log(out)
+    r = tune_run(args + ["resume_from_checkpoint=True"], workdir)
+    assert "already finished" in r.stderr and losses_from_log(out) == steps
+    bad = subprocess.run(
+        tune_cmd(args + ["resume_from_checkpoint=True", "epochs=2", "batch_size=4"]),
+        cwd=workdir,
+        env=tune_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "trained with batch_size=2 and the config says 4" in bad.stderr
+    # a checkpoint whose state file is missing (a half-copied folder) is skipped
+    (last_step_dir(out) / "recipe_state.json").unlink()
+    r = subprocess.run(
+        tune_cmd(args + ["resume_from_checkpoint=True"]),
+        cwd=workdir,
+        env=tune_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "is incomplete" in r.stderr and "no complete step_N" in r.stderr
+
+
+def test_a_typo_in_an_override_stops_the_run_naming_the_key(workdir):
+    r = subprocess.run(
+        tune_cmd(["llama_mimi_full", "--config", "tiny_full", "epoch=1"]),
+        cwd=workdir,
+        env=tune_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "unknown config key 'epoch' (command line): did you mean 'epochs'?" in r.stderr
+
+
+def test_fsdp2_killed_at_a_random_step_resumes_exactly(workdir):
+    reference = workdir / "fsdp"  # test_fsdp2_on_two_cpu_processes_... ran it uninterrupted
+    args = dict(epochs=2, batch_size=2, save_every_n_steps=2, **{"dataset.packed": True})
+    if not (reference / "logs").is_dir():
+        tune_run(
+            ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, reference, **args),
+            workdir,
+            nproc=2,
+        )
+    out = workdir / "fsdp_killed"
+    cmd = ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, **args)
+    killed = run_and_kill(cmd, workdir, out, random_step(3, 7), nproc=2)
+    resumed_from, rest = resumed_equals_uninterrupted(reference, out, cmd, workdir, nproc=2)
+    print(
+        f"FSDP2: killed after step {killed}, resumed from step_{resumed_from}, {rest} steps equal"
+    )
+
+
+def test_lora_killed_at_a_random_step_resumes_exactly(workdir):
+    args = dict(epochs=2, batch_size=2, save_every_n_steps=2)
+    reference, out = workdir / "lora_ref", workdir / "lora_killed"
+    tune_run(
+        ["llama_mimi_lora", "--config", "tiny_lora"] + overrides(workdir, reference, **args),
+        workdir,
+    )
+    cmd = ["llama_mimi_lora", "--config", "tiny_lora"] + overrides(workdir, out, **args)
+    killed = run_and_kill(cmd, workdir, out, random_step(3, 7))
+    resumed_from, rest = resumed_equals_uninterrupted(reference, out, cmd, workdir)
+    print(f"LoRA: killed after step {killed}, resumed from step_{resumed_from}, {rest} steps equal")
+    # a LoRA checkpoint keeps what trains (adapters, audio rows), not the frozen base
+    final = last_step_dir(out)
+    assert (final / "adapter_model.pt").is_file() and (final / "adapter_config.json").is_file()
+    assert (final / "audio_rows.safetensors").is_file()
+
+
+def _recipe(cfg):
+    import llama_mimi_full
+
+    recipe = llama_mimi_full.LlamaMimiFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     return recipe
 
 
 def test_lora_changes_only_lora_weights_and_audio_rows(workdir):
     cfg = load_cfg("tiny_lora", overrides(workdir, workdir / "lora", epochs=2, batch_size=2))
-    recipe = _run_in_process("llama_mimi_lora", "LlamaMimiLoRASingleDevice", cfg)
+    recipe = _recipe(cfg)
     before = {k: v.detach().clone() for k, v in recipe._model.named_parameters()}
     recipe.train()
     recipe.cleanup()
@@ -162,62 +337,19 @@ def test_lora_changes_only_lora_weights_and_audio_rows(workdir):
             frozen.append(name)
     assert any("audio" in n for n in changed) and any("lora_a" in n for n in changed)
     # the merged embedding: text rows bit-identical to the base, audio rows trained
-    sd = recipe._model.state_dict()
-    emb = sd["tok_embeddings.weight"]
+    emb = recipe._model.state_dict()["tok_embeddings.weight"]
     base = LlamaMimiCheckpointer(
-        checkpoint_dir=str(workdir / "base"),
-        checkpoint_files=["model.safetensors"],
-        model_type="LLAMA3_2",
-        output_dir=str(workdir / "unused"),
-        num_quantizers=4,
-        text_vocab_size=512,
+        checkpoint_dir=str(workdir / "base"), num_quantizers=4, text_vocab_size=512
     ).load_checkpoint()["model"]["tok_embeddings.weight"]
     assert torch.equal(emb[:t], base[:t])
     assert not torch.equal(emb[t:], base[t:])
     print(f"LoRA run: {len(changed)} tensors trained, {len(frozen)} frozen and unchanged")
-    epoch = workdir / "lora" / "epoch_1"
-    assert (epoch / "adapter_model.safetensors").is_file() or (epoch / "adapter_model.pt").is_file()
+    # the step checkpoint holds only the trainable tensors
+    from torch.distributed.checkpoint import FileSystemReader
 
-
-def test_resume_continues_exactly(workdir):
-    def cfg_for(out, **kw):
-        return load_cfg(
-            "tiny_full",
-            overrides(workdir, out, epochs=3, batch_size=2, shuffle=True, **kw),
-        )
-
-    full = _run_in_process("llama_mimi_full", "LlamaMimiFullSingleDevice", cfg_for(workdir / "a"))
-    full.train()
-    full.cleanup()
-
-    # the same run, killed right after its first epoch's checkpoint was written
-    cut = _run_in_process("llama_mimi_full", "LlamaMimiFullSingleDevice", cfg_for(workdir / "b"))
-    real_save = cut.save_checkpoint
-
-    def save_then_die(epoch):
-        real_save(epoch)
-        raise KeyboardInterrupt
-
-    cut.save_checkpoint = save_then_die
-    with pytest.raises(KeyboardInterrupt):
-        cut.train()
-    cut.cleanup()
-
-    resumed = _run_in_process(
-        "llama_mimi_full",
-        "LlamaMimiFullSingleDevice",
-        cfg_for(workdir / "b", resume_from_checkpoint=True),
-    )
-    resumed.train()
-    resumed.cleanup()
-    stitched = cut.loss_history + resumed.loss_history
-    assert [s for s, _ in stitched] == [s for s, _ in full.loss_history]
-    np.testing.assert_allclose(
-        [v for _, v in stitched], [v for _, v in full.loss_history], rtol=0, atol=1e-6
-    )
-    print(
-        f"resume: {len(resumed.loss_history)} steps after the restart match the uninterrupted run"
-    )
+    saved = FileSystemReader(str(last_step_dir(workdir / "lora") / "dcp")).read_metadata()
+    model_keys = {k[len("model.") :] for k in saved.state_dict_metadata if k.startswith("model.")}
+    assert model_keys == set(changed)
 
 
 @pytest.mark.parametrize(
@@ -231,10 +363,21 @@ def test_resume_continues_exactly(workdir):
 )
 def test_mismatches_fail_before_training(workdir, args, message):
     cfg = load_cfg("tiny_full", overrides(workdir, workdir / "bad", **args))
-    import llama_mimi_full
-
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        llama_mimi_full.LlamaMimiFullSingleDevice(cfg=cfg).setup(cfg=cfg)
+        _recipe(cfg)
+
+
+def test_checkpoint_of_another_architecture_is_refused(workdir):
+    import json
+    import shutil
+
+    other = workdir / "base_2_layers"
+    shutil.copytree(workdir / "base", other, dirs_exist_ok=True)
+    hf_config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**hf_config, "num_hidden_layers": 2}))
+    cfg = load_cfg("tiny_full", overrides(workdir, workdir / "bad2", base_dir=str(other)))
+    with pytest.raises(ValueError, match="has num_hidden_layers=2 but the config's model has 4"):
+        _recipe(cfg)
 
 
 def test_checkpoint_of_another_q_is_refused(workdir):
@@ -246,21 +389,19 @@ def test_checkpoint_of_another_q_is_refused(workdir):
         "tiny_full",
         overrides(workdir, workdir / "badq", base_dir=str(released), num_quantizers=2),
     )
-    import llama_mimi_full
-
     with pytest.raises(ValueError, match=r"num_quantizers=4 but the config says num_quantizers=2"):
-        llama_mimi_full.LlamaMimiFullSingleDevice(cfg=cfg).setup(cfg=cfg)
+        _recipe(cfg)
 
 
 def test_streaming_dataset_trains(workdir):
     """dataset.streaming=True: no sampler, the epoch is max_steps_per_epoch batches."""
     args = overrides(workdir, workdir / "stream", epochs=2, batch_size=2, max_steps_per_epoch=3)
     cfg = load_cfg("tiny_full", args + ["dataset.streaming=True"])
-    recipe = _run_in_process("llama_mimi_full", "LlamaMimiFullSingleDevice", cfg)
-    recipe.save_checkpoint = lambda epoch: None
+    recipe = _recipe(cfg)
+    recipe.save_checkpoint = lambda hf: None
     recipe.train()
     recipe.cleanup()
     assert [s for s, _ in recipe.loss_history] == list(range(1, 7))
     cfg = load_cfg("tiny_full", args[:-1] + ["dataset.streaming=True", "max_steps_per_epoch=null"])
     with pytest.raises(ValueError, match="set max_steps_per_epoch"):
-        _run_in_process("llama_mimi_full", "LlamaMimiFullSingleDevice", cfg)
+        _recipe(cfg)
