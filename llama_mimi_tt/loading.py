@@ -16,8 +16,9 @@ def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tor
         model = config.instantiate(cfg.model)
     ckpt_cfg = cfg.get("checkpointer", None)
     if ckpt_cfg is not None:
-        state = config.instantiate(ckpt_cfg).load_checkpoint()
-        model.load_state_dict(state[training.MODEL_KEY])
+        checkpointer = config.instantiate(ckpt_cfg)
+        checkpointer.check_model(model)  # another architecture: one line naming the field
+        model.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
         log.info(f"loaded weights from {ckpt_cfg.get('checkpoint_dir')}")
     else:
         log.warning(
