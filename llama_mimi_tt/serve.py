@@ -6,8 +6,9 @@ the Mimi codec and one worker thread) and serves :func:`create_app` with uvicorn
     GET  /                     the page (llama_mimi_tt/static/index.html: plain HTML/JS)
     GET  /health               model, limits and queue as JSON
     POST /v1/continue          body: a prompt audio file; query: seconds, seed, ... -> audio/wav
+                               (16-bit; ``format=float``: 32-bit float, Mimi's exact output)
     POST /v1/continue/stream   the same -> NDJSON lines: "start", one "audio" line per
-                               generated frame and sample (16-bit PCM, base64), "done"
+                               generated frame and sample (float32 samples, base64), "done"
 
 How a request is served. The handler reads the upload into a file of the server's own
 temporary folder (size-limited, deleted at once), checks it (audio, not empty, finite, not too
@@ -59,19 +60,18 @@ from llama_mimi_tt.vocab import MimiVocab
 
 log = utils.get_logger("INFO")
 
-__all__ = ["ServeLimits", "Job", "ContinuationBatcher", "ApiError", "create_app", "pcm16"]
+__all__ = ["ServeLimits", "Job", "ContinuationBatcher", "ApiError", "create_app", "wav_bytes"]
 
 
-def pcm16(wave: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Float samples -> int16 PCM (clipped to [-1, 1]); one rounding for the streamed and the
-    whole answers, so they agree sample for sample up to the decoders' float noise."""
-    array = np.asarray(wave, dtype=np.float32).reshape(-1)
-    return np.round(np.clip(array, -1.0, 1.0) * 32767.0).astype("<i2")
+def samples(wave: torch.Tensor) -> np.ndarray:
+    """Mimi's output ``[1, n]`` as float32 samples in [-1, 1] (what is streamed: no rounding)."""
+    return np.clip(wave.reshape(-1).numpy(), -1.0, 1.0).astype("<f4")
 
 
-def wav_bytes(pcm: np.ndarray, sample_rate: int) -> bytes:
+def wav_bytes(wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> bytes:
+    """A .wav file in memory: 16-bit PCM (``PCM_16``) or 32-bit float (``FLOAT``)."""
     buf = io.BytesIO()
-    sf.write(buf, pcm, sample_rate, subtype="PCM_16", format="WAV")
+    sf.write(buf, wave, sample_rate, subtype=subtype, format="WAV")
     return buf.getvalue()
 
 
@@ -119,7 +119,7 @@ class Job:
     """One request: its prompt waveform (24 kHz, checked), its settings and where its events go.
 
     Events, in order: ``("start", info)``, then for streaming jobs ``("audio", sample, frame,
-    pcm)`` per frame, then ``("done", result)``; or ``("error", status, message)`` at any point.
+    float32 samples)`` per frame, then ``("done", result)``; or ``("error", status, message)`` at any point.
     """
 
     wave: torch.Tensor
@@ -156,6 +156,7 @@ class ContinuationBatcher:
         bos_id: int,
         limits: ServeLimits = ServeLimits(),
         name: str = "llama-mimi",
+        random_weights: bool = False,
     ):
         if codec.num_quantizers != vocab.num_quantizers:
             raise ValueError(
@@ -163,14 +164,15 @@ class ContinuationBatcher:
                 f"{vocab.num_quantizers}: set both from one num_quantizers"
             )
         self.model, self.codec, self.vocab, self.bos_id = model, codec, vocab, bos_id
-        self.limits, self.name = limits, name
+        self.limits, self.name, self.random_weights = limits, name, random_weights
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self.batch_seconds = 1.0  # wall time of the last batch, for Retry-After
         self.active = 0  # jobs in the batch being generated
-        self.served = 0
+        self.served = 0  # requests answered
+        self.batches = 0  # generations run
 
     @property
     def max_seq_len(self) -> int:
@@ -254,6 +256,7 @@ class ContinuationBatcher:
                 self.active = 0
             self.batch_seconds = time.perf_counter() - t0
             self.served += len(batch)
+            self.batches += 1
 
     # -- one batch
     def _generate(self, batch: List[Job]) -> None:
@@ -289,10 +292,11 @@ class ContinuationBatcher:
             for s, i in enumerate(stream_rows):
                 j, k = rows[i]
                 if active[i] and index < batch[j].frames:
-                    batch[j].emit("audio", k, index, pcm16(wave[s]))
+                    batch[j].emit("audio", k, index, samples(wave[s]))
                     sent[i] += 1
-            for j, job in enumerate(batch):
-                if job.stream and not done[j] and index + 1 >= job.frames:
+            for j, job in enumerate(batch):  # done: all its frames, or all its samples ended
+                mine = [active[i] for i, (jj, _) in enumerate(rows) if jj == j]
+                if job.stream and not done[j] and (index + 1 >= job.frames or not any(mine)):
                     finish_stream(j)
 
         decoder = codec.streaming_decoder(batch_size=len(stream_rows)) if stream_rows else None
@@ -323,16 +327,16 @@ class ContinuationBatcher:
         for j, job in enumerate(batch):
             if job.stream:
                 continue
-            wavs, frames, ended = [], [], []
+            waves, frames, ended = [], [], []
             for i, (jj, _) in enumerate(rows):
                 if jj != j:
                     continue
                 new = out.new_codes(i)[:, : job.frames]
                 wave = codec.decode(new) if new.shape[-1] else torch.zeros(1, 0)
-                wavs.append(wav_bytes(pcm16(wave), codec.sample_rate))
+                waves.append(samples(wave))
                 frames.append(int(new.shape[-1]))
                 ended.append(int(new.shape[-1]) < job.frames)
-            job.emit("done", dict(frames=frames, ended=ended, wavs=wavs))
+            job.emit("done", dict(frames=frames, ended=ended, waves=waves))
         wall = time.perf_counter() - t0
         log.info(
             f"batch of {len(batch)} request(s), {len(rows)} sample(s): {sum(out.num_frames)} "
@@ -519,6 +523,7 @@ def create_app(
         return {
             "status": "ok",
             "model": batcher.name,
+            "random_weights": batcher.random_weights,
             "num_quantizers": batcher.vocab.num_quantizers,
             "sample_rate": codec.sample_rate,
             "frame_rate": FRAME_RATE,
@@ -527,10 +532,15 @@ def create_app(
             "limits": {k: getattr(limits, k) for k in ServeLimits.__dataclass_fields__},
             "queue": {"waiting": batcher.pending, "generating": batcher.active},
             "served": batcher.served,
+            "batches": batcher.batches,
         }
 
     @app.post("/v1/continue")
-    async def continue_prompt(request: Request, params: Annotated[dict, Depends(query_params)]):
+    async def continue_prompt(
+        request: Request,
+        params: Annotated[dict, Depends(query_params)],
+        format: Annotated[str, Query(pattern="^(pcm16|float)$")] = "pcm16",
+    ):
         job = await make_job(request, False, params)
         batcher.submit(job)
         start = await first_event(job)
@@ -542,7 +552,9 @@ def create_app(
             "X-Ended": str(result["ended"][0]).lower(),
             "X-Seed": str(job.seeds[0]),
         }
-        return Response(result["wavs"][0], media_type="audio/wav", headers=headers)
+        subtype = "FLOAT" if format == "float" else "PCM_16"
+        body = wav_bytes(result["waves"][0], codec.sample_rate, subtype)
+        return Response(body, media_type="audio/wav", headers=headers)
 
     @app.post("/v1/continue/stream")
     async def continue_prompt_stream(
@@ -564,9 +576,9 @@ def create_app(
             while True:
                 event = await job.events.get()
                 if event[0] == "audio":
-                    _, k, index, pcm = event
-                    pcm = base64.b64encode(pcm.tobytes()).decode()
-                    yield _line(type="audio", sample=k, frame=index, pcm=pcm)
+                    _, k, index, wave = event
+                    f32 = base64.b64encode(wave.tobytes()).decode()
+                    yield _line(type="audio", sample=k, frame=index, f32=f32)
                 elif event[0] == "done":
                     yield _line(type="done", **event[1])
                     return
