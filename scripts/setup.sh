@@ -21,3 +21,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[setup] installed (log: $log)"
   touch "$stamp"
 fi
+# tests/test_serve.py drives the page in headless chromium: install it where we may (root + apt).
+if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[setup] installing chromium and chromium-driver with apt-get (for the browser test)"
+  if ! { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      chromium chromium-driver; } >.venv/apt.log 2>&1; then
+    tail -n 20 .venv/apt.log
+    echo "[setup] could not install chromium (log: .venv/apt.log); the browser test will say so" >&2
+  fi
+fi

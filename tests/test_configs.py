@@ -23,7 +23,7 @@ from llama_mimi_tt.recipe_config import (
 )
 
 RECIPES = ["llama_mimi_tokenize", "llama_mimi_full", "llama_mimi_lora"]
-RECIPES += ["llama_mimi_generate", "llama_mimi_eval"]
+RECIPES += ["llama_mimi_generate", "llama_mimi_eval", "llama_mimi_serve"]
 EXPECTED = {
     "tokenize",
     "tiny_full",
@@ -37,6 +37,8 @@ EXPECTED = {
     "1B_generate",
     "eval",
     "1B_eval",
+    "serve",
+    "1B_serve",
 }
 
 
@@ -161,6 +163,7 @@ def test_wheel_ships_recipes_and_configs(tmp_path):
     for name in EXPECTED:
         assert f"llama_mimi_tt/configs/{name}.yaml" in names
     assert "llama_mimi_tt/assets/byte_bpe.tiktoken" in names
+    assert "llama_mimi_tt/static/index.html" in names  # the page of llama_mimi_serve
     assert not any(n.startswith("recipes/") for n in names)  # never shadow torchtune's
 
 
