@@ -152,6 +152,8 @@ def check_keys(
                     walk(v, path + ".")
             return
         siblings = {k.rpartition(".")[2] for k in known if k.startswith(prefix)}
+        if prefix and not siblings:  # a section the recipe reads as a whole (e.g. profiler)
+            return
         for k, v in node.items():
             path = f"{prefix}{k}"
             if path in added:

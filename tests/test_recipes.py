@@ -405,3 +405,33 @@ def test_streaming_dataset_trains(workdir):
     cfg = load_cfg("tiny_full", args[:-1] + ["dataset.streaming=True", "max_steps_per_epoch=null"])
     with pytest.raises(ValueError, match="set max_steps_per_epoch"):
         _recipe(cfg)
+
+
+def test_profiler_and_peak_memory_as_in_torchtune(workdir, tmp_path):
+    out = workdir / "profiled"
+    profiler = {
+        "profiler._component_": "torchtune.training.setup_torch_profiler",
+        "profiler.enabled": True,
+        "profiler.cpu": True,
+        "profiler.cuda": False,
+        "profiler.output_dir": str(tmp_path / "traces"),
+        "profiler.wait_steps": 0,
+        "profiler.warmup_steps": 1,
+        "profiler.active_steps": 1,
+        "profiler.num_cycles": 1,
+    }
+    args = overrides(workdir, out, epochs=1, max_steps_per_epoch=3)
+    args += [f"{k}={v}" for k, v in profiler.items()]
+    import llama_mimi_full
+
+    from llama_mimi_tt.recipe_config import prepare_argv
+
+    argv = ["llama_mimi_full", "--config", "tiny_full", *args]  # the key check accepts it
+    argv = prepare_argv(argv, "llama_mimi_full", llama_mimi_full.OPTIONAL_KEYS)
+    cfg = load_cfg("tiny_full", argv[3:])
+    recipe = _recipe(cfg)
+    recipe.train()
+    recipe.cleanup()
+    assert list((tmp_path / "traces").rglob("*.trace.json.gz")), "no profiler trace written"
+    logged = "".join(p.read_text() for p in (out / "logs").glob("log_*.txt"))
+    assert "peak_memory_rss_gib" in logged and "semantic_loss" in logged
