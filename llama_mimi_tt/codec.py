@@ -34,6 +34,7 @@ from moshi.models.compression import MimiModel
 from safetensors.torch import load_file, save_file
 
 from llama_mimi_tt.audio import load_audio, prepare_waveform, synthetic_audio
+from llama_mimi_tt.errors import MissingFileError, UserError
 
 __all__ = ["MimiCodec", "MimiStreamingDecoder", "num_frames", "MIMI_NAME", "MIMI_REPO"]
 
@@ -121,7 +122,7 @@ class MimiCodec:
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"{path_or_hub_id}: not a Mimi checkpoint ({e})") from e
+            raise UserError(f"{path_or_hub_id}: not a Mimi checkpoint ({e})") from e
         return cls(model, num_quantizers=num_quantizers, device=device, dtype=dtype)
 
     @classmethod
@@ -280,11 +281,11 @@ class MimiCodec:
         """Validate codes ``[Q, F]`` for this codec and return them as an int64 tensor."""
         codes = torch.as_tensor(codes)
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-            raise ValueError(f"{name}: expected integer codes, got {codes.dtype}")
+            raise UserError(f"{name}: expected integer codes, got {codes.dtype}")
         if codes.dim() != 2:
-            raise ValueError(f"{name}: expected shape [Q, F], got {tuple(codes.shape)}")
+            raise UserError(f"{name}: expected shape [Q, F], got {tuple(codes.shape)}")
         if codes.shape[0] != self.num_quantizers:
-            raise ValueError(
+            raise UserError(
                 f"{name}: expected Q == num_quantizers == {self.num_quantizers} levels, "
                 f"got {codes.shape[0]} (shape {tuple(codes.shape)})"
             )
@@ -292,7 +293,7 @@ class MimiCodec:
         bad = (codes < 0) | (codes >= self.codebook_size)
         if bad.any():
             q, f = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(
+            raise UserError(
                 f"{name}: code {int(codes[q, f])} at [level {q}, frame {f}] is outside "
                 f"0..{self.codebook_size - 1}"
             )
@@ -448,7 +449,7 @@ def _resolve_weights(path_or_hub_id: str | Path) -> Path:
     if not path.exists():
         name = str(path_or_hub_id)
         if isinstance(path_or_hub_id, Path) or not _looks_like_hub_id(name):
-            raise FileNotFoundError(f"Mimi weights file not found: {path}. {_GET_WEIGHTS}")
+            raise MissingFileError(f"Mimi weights file not found: {path}. {_GET_WEIGHTS}")
         path = _download(name)
     if path.is_dir():
         if (path / MIMI_NAME).is_file():
@@ -456,7 +457,7 @@ def _resolve_weights(path_or_hub_id: str | Path) -> Path:
         elif (path / "model.safetensors").is_file():
             path = path / "model.safetensors"
         else:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no Mimi weights in directory {path}: expected {MIMI_NAME} (moshi format) or "
                 f"model.safetensors + config.json (kyutai/mimi format). {_GET_WEIGHTS}"
             )
@@ -468,12 +469,12 @@ def _read_state_dict(path: Path, moshi_keys: set[str]) -> dict[str, torch.Tensor
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:
-        raise ValueError(f"{path}: cannot read as a safetensors file ({e})") from e
+        raise UserError(f"{path}: cannot read as a safetensors file ({e})") from e
     if any(k.startswith("encoder.model.") for k in state):
         return state
     if any(k.startswith(("encoder.layers.", "model.encoder.layers.")) for k in state):
         return _convert_hf_state_dict(state, path, moshi_keys)
-    raise ValueError(f"{path}: not a Mimi checkpoint (neither moshi's nor transformers' key names)")
+    raise UserError(f"{path}: not a Mimi checkpoint (neither moshi's nor transformers' key names)")
 
 
 def _download(hub_id: str) -> Path:

@@ -67,6 +67,7 @@ import torch
 from torchtune import utils
 from tqdm import tqdm
 
+from llama_mimi_tt.errors import UserError, writing
 from llama_mimi_tt.vocab import MimiVocab
 
 log = utils.get_logger("INFO")
@@ -321,7 +322,7 @@ def pair_outcome(positive: float, negative: float, tie_tolerance: float = 0.0) -
 # =============================================================================================
 # Benchmark layouts
 # =============================================================================================
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """A benchmark folder is missing or is not laid out as the benchmark publishes it."""
 
 
@@ -677,10 +678,11 @@ def encode_audio_files(
     def save():
         if cache_file is None:
             return
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(cache_file.name + f".tmp-{os.getpid()}")
-        torch.save({"fingerprint": fingerprint, "codes": cache}, tmp)
-        os.replace(tmp, cache_file)
+        with writing(cache_file):
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"fingerprint": fingerprint, "codes": cache}, tmp)
+            os.replace(tmp, cache_file)
 
     pbar = tqdm(
         total=len(todo), desc="encoding audio", disable=not progress or not todo, unit="file"
@@ -862,9 +864,10 @@ def write_results(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
-    results.write_text(json.dumps({**(extra or {}), "suites": summary}, indent=2))
+    with writing(results):
+        results.write_text(json.dumps({**(extra or {}), "suites": summary}, indent=2))
     pairs = out / "pairs.jsonl"
-    with open(pairs, "w") as f:
+    with writing(pairs), open(pairs, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     return results, pairs

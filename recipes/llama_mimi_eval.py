@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
+from llama_mimi_tt.errors import MissingFileError, UserError, writing
 from llama_mimi_tt.evaluation import (
     SUITES,
     codec_fingerprint,
@@ -43,7 +44,7 @@ from llama_mimi_tt.evaluation import (
 )
 from llama_mimi_tt.loading import load_model
 from llama_mimi_tt.quantize import parse_quantize, quantize_model
-from llama_mimi_tt.recipe_config import run_recipe
+from llama_mimi_tt.recipe_config import check_number, check_output_dir, run_recipe
 
 log = utils.get_logger("INFO")
 
@@ -54,7 +55,7 @@ def read_suites(cfg: DictConfig) -> dict:
     out = {}
     for key, scfg in (cfg.get("suites") or {}).items():
         if key not in SUITES:
-            raise ValueError(f"unknown suite {key!r} in suites; the suites are {sorted(SUITES)}")
+            raise UserError(f"unknown suite {key!r} in suites; the suites are {sorted(SUITES)}")
         if not scfg or not scfg.get("path"):
             continue
         options = {k: scfg.get(k) for k in ("subsets", "split") if scfg.get(k) is not None}
@@ -135,7 +136,7 @@ def read_prompts(source: str, max_prompts=None) -> list:
                 rows = [json.loads(line) for line in f if line.strip()]
         for i, row in enumerate(rows):
             if not row.get("path"):
-                raise ValueError(f"{p}, row {i + 1}: no 'path' (the prompt audio file)")
+                raise UserError(f"{p}, row {i + 1}: no 'path' (the prompt audio file)")
             item = {"id": str(row.get("id") or Path(row["path"]).with_suffix("").as_posix())}
             for col in ("path", "continuation"):
                 if row.get(col):
@@ -143,12 +144,12 @@ def read_prompts(source: str, max_prompts=None) -> list:
                     item[col] = str(q if q.is_absolute() else p.parent / q)
             items.append(item)
     else:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"generation.prompts {p} is neither a folder of audio files nor a .jsonl/.csv "
             "manifest (columns: path, optional id and continuation)"
         )
     if not items:
-        raise ValueError(f"generation.prompts {p}: no audio files found")
+        raise UserError(f"generation.prompts {p}: no audio files found")
     return items[:max_prompts] if max_prompts else items
 
 
@@ -172,7 +173,8 @@ def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -
         ids = []
         for item in group:
             wave = load_audio(item["path"], sr)[: int(gcfg.get("prompt_seconds", 3.0) * sr)]
-            item["prompt_cut"] = str(save_audio(gen_dir / f"{item['id']}_prompt.wav", wave, sr))
+            with writing(gen_dir / f"{item['id']}_prompt.wav"):
+                item["prompt_cut"] = str(save_audio(gen_dir / f"{item['id']}_prompt.wav", wave, sr))
             seq, _ = tokenizer.tokenize(codec.encode(wave, sr))
             ids.append(torch.tensor(seq[:-1]))  # drop </audio>: the audio goes on
         out = generate(
@@ -191,9 +193,10 @@ def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -
                 failed.append(item["id"])
                 continue
             cont = codec.decode(new)
-            item["continuation"] = str(
-                save_audio(gen_dir / f"{item['id']}_continuation.wav", cont, sr)
-            )
+            with writing(gen_dir / f"{item['id']}_continuation.wav"):
+                item["continuation"] = str(
+                    save_audio(gen_dir / f"{item['id']}_continuation.wav", cont, sr)
+                )
         log.info(f"generated {b0 + len(group)} of {len(todo)} continuations")
     if failed:
         log.warning(f"{len(failed)} prompts got no continuation (</audio> at once): {failed[:5]}")
@@ -218,27 +221,53 @@ def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -
     return summary
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """Every number of the config, checked before anything is read or loaded."""
+    check_number(cfg, "num_quantizers", int, low=1, high=32)
+    check_number(cfg, "seed", int, low=0, default=0)
+    check_number(cfg, "batch_size", int, low=1)
+    check_number(cfg, "encode_batch_size", int, low=1, default=8)
+    check_number(cfg, "max_seconds", float, low=0.08, optional=True)
+    check_number(cfg, "tie_tolerance", float, low=0, default=0.0)
+    for key in cfg.get("suites") or {}:
+        check_number(cfg, f"suites.{key}.max_pairs", int, low=1, optional=True)
+    if cfg.get("generation"):
+        g = "generation."
+        check_number(cfg, g + "max_prompts", int, low=1, optional=True)
+        check_number(cfg, g + "prompt_seconds", float, low=0.08, default=3.0)
+        check_number(cfg, g + "max_new_seconds", float, low=0.08, default=10.0)
+        check_number(cfg, g + "min_new_frames", int, low=0, default=0)
+        check_number(cfg, g + "temperature", float, low=0, default=0.8)
+        check_number(cfg, g + "top_k", int, low=1, optional=True, default=30)
+        check_number(cfg, g + "seed", int, low=0, default=0)
+        check_number(cfg, g + "batch_size", int, low=1, default=4)
+        check_number(cfg, g + "max_concurrency", int, low=1, default=4)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_settings(cfg)
     training.set_seed(seed=cfg.get("seed", 0))
     device = utils.get_device(cfg.get("device", "cpu"))
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device)
     quant = parse_quantize(cfg.get("quantize"), cfg.get("quantize_group_size", 128))
-    output_dir = Path(cfg.output_dir)
     suites = read_suites(cfg)  # layout errors before anything heavy is built
     gen_on = bool(cfg.get("generation") and cfg.generation.get("prompts"))
     if not suites and not gen_on:
-        raise ValueError(
+        raise UserError(
             "nothing to evaluate: set the path of at least one suite (suites.salmon.path, "
             "suites.swuggy.path, suites.sblimp.path, suites.sstorycloze.path, "
             "suites.tstorycloze.path) or generation.prompts"
         )
+    output_dir = check_output_dir(cfg.output_dir)
+    if suites and cfg.get("code_cache_dir"):
+        check_output_dir(cfg.code_cache_dir, "code_cache_dir")
     tokenizer = config.instantiate(cfg.tokenizer)
     model = quantize_model(load_model(cfg, device, dtype), quant, device)
     log.info(f"precision: {quant.describe(device)}")
     codec = config.instantiate(cfg.codec)
     if codec.num_quantizers < tokenizer.vocab.num_quantizers:
-        raise ValueError(
+        raise UserError(
             f"the codec gives {codec.num_quantizers} levels but the tokenizer expects "
             f"num_quantizers={tokenizer.vocab.num_quantizers}"
         )
@@ -257,8 +286,8 @@ def recipe_main(cfg: DictConfig) -> None:
         results["suites"] = out["summary"]
     if gen_on:
         results["generation"] = run_generation(cfg, model, tokenizer, codec, output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    with writing(output_dir / "results.json"):
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     metric_cfg = cfg.get("metric_logger")
     if metric_cfg is not None:
         metric_logger = config.instantiate(metric_cfg)

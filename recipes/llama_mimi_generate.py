@@ -31,10 +31,12 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from llama_mimi_tt.audio import save_audio
+from llama_mimi_tt.codec import MAX_QUANTIZERS
+from llama_mimi_tt.errors import MissingFileError, UserError, writing
 from llama_mimi_tt.generation import FRAME_RATE, SamplingParams, generate
 from llama_mimi_tt.loading import load_model
 from llama_mimi_tt.quantize import parse_quantize, quantize_model
-from llama_mimi_tt.recipe_config import run_recipe
+from llama_mimi_tt.recipe_config import check_number, check_output_dir, run_recipe
 
 log = utils.get_logger("INFO")
 
@@ -57,10 +59,17 @@ def _as_list(value) -> list:
 
 
 def load_codes_file(path: str, codec) -> torch.Tensor:
-    """Codes ``[Q', F]`` (Q' >= Q; the first Q levels are kept) from ``.pt`` or ``.npy``."""
+    """Codes ``[Q', F]`` from ``.pt`` or ``.npy``: Q' = Q, or more levels (up to Mimi's 32) of
+    which the first Q are kept. ``[F, Q]`` (transposed) is an error that says so."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"prompt codes {p} is a folder, not a codes file (.pt / .npy)")
     if not p.is_file():
-        raise FileNotFoundError(f"prompt codes file not found: {p}")
+        raise MissingFileError(f"prompt codes file not found: {p}")
+    what = (
+        f"{p} is not a codes file: expected a tensor [Q, frames] of integer codes saved with "
+        "torch.save (or numpy.save), like the <name>_s<k>_codes.pt files this recipe writes"
+    )
     try:
         if p.suffix == ".npy":
             codes = torch.from_numpy(np.load(p, allow_pickle=False))
@@ -69,26 +78,31 @@ def load_codes_file(path: str, codec) -> torch.Tensor:
             if isinstance(codes, dict):
                 codes = codes.get("codes")
     except Exception as e:  # unpickling / format errors come in many types
-        raise ValueError(f"{p}: cannot read prompt codes ({e})") from e
+        raise UserError(what) from e  # torch's text advises weights_only=False: never do that
     if not isinstance(codes, torch.Tensor):
-        raise ValueError(f"{p}: expected a tensor of codes [Q, F] (or a dict with 'codes')")
-    if codes.dim() == 1 and codec.num_quantizers == 1:
+        raise UserError(what + " (or a dict with 'codes')")
+    q = codec.num_quantizers
+    if codes.dim() == 1 and q == 1:
         codes = codes[None]
-    if codes.dim() != 2 or codes.shape[0] < codec.num_quantizers:
-        raise ValueError(
-            f"{p}: expected codes of shape [Q >= {codec.num_quantizers}, frames], "
-            f"got {tuple(codes.shape)}"
+    shape = tuple(codes.shape)
+    if codes.dim() != 2 or not q <= shape[0] <= MAX_QUANTIZERS or (shape[0] != q == shape[1]):
+        transposed = codes.dim() == 2 and shape[1] == q and shape[0] != q
+        raise UserError(
+            f"{p}: expected codes of shape [{q}, frames] for num_quantizers={q} (or [Q', frames] "
+            f"with {q} < Q' <= {MAX_QUANTIZERS} levels, of which the first {q} are kept), got "
+            f"{list(shape)}"
+            + (": that looks like [frames, levels]; save codes.T instead" if transposed else "")
         )
-    if codes.shape[1] == 0:
-        raise ValueError(f"{p}: the prompt codes have no frames")
-    return codec.check_codes(codes[: codec.num_quantizers], name=str(p))
+    if shape[1] == 0:
+        raise UserError(f"{p}: the prompt codes have no frames")
+    return codec.check_codes(codes[:q], name=str(p))
 
 
 def check_text_side(cfg: DictConfig) -> List[str]:
     """The text prompts; a clear error when the model has no text side."""
     texts = [str(t) for t in _as_list(cfg.get("prompt_text"))]
     if texts and not cfg.get("model_has_text", False):
-        raise ValueError(
+        raise UserError(
             "prompt_text is given but this config's model has no text side "
             "(model_has_text: False): it was trained on audio only (a2a) and a text prompt "
             "would be silently meaningless. Drop prompt_text, or set model_has_text=True for a "
@@ -112,7 +126,7 @@ def build_prompts(cfg: DictConfig, tokenizer, codec) -> List[Prompt]:
     if not sources:
         sources = [("text", None)] * len(texts) if texts else [("uncond", None)]
     if len(texts) > 1 and len(texts) != len(sources):
-        raise ValueError(
+        raise UserError(
             f"{len(texts)} prompt_text strings for {len(sources)} audio/codes prompts: give one "
             "string for all of them or one per prompt"
         )
@@ -120,11 +134,11 @@ def build_prompts(cfg: DictConfig, tokenizer, codec) -> List[Prompt]:
     for i, (kind, path) in enumerate(sources):
         text = texts[i] if len(texts) > 1 else (texts[0] if texts else None)
         if text is not None and not text.strip():
-            raise ValueError(f"prompt_text {i} is empty")
+            raise UserError(f"prompt_text {i} is empty")
         if kind == "audio":
             c = codec.encode_file(path)
             if c.shape[-1] == 0:
-                raise ValueError(f"{path}: too short for one Mimi frame")
+                raise UserError(f"{path}: too short for one Mimi frame (80 ms)")
         elif kind == "codes":
             c = load_codes_file(path, codec)
         else:
@@ -146,7 +160,7 @@ def check_context(prompts: List[Prompt], max_new_frames: int, max_seq_len: int, 
     for p in prompts:
         if len(p.ids) + max_new_frames * q > max_seq_len:
             room = (max_seq_len - max_new_frames * q - len(p.ids) + len(p.codes[0]) * q) // q
-            raise ValueError(
+            raise UserError(
                 f"prompt {p.name!r} is too long: {len(p.ids)} tokens ({p.codes.shape[-1]} frames) "
                 f"+ {max_new_frames * q} new tokens ({max_new_frames / FRAME_RATE:.2f} s) exceed "
                 f"the context of max_seq_len={max_seq_len}. Lower max_seconds or use at most "
@@ -188,14 +202,37 @@ class StreamingWriter:
 
 
 # ---- main -----------------------------------------------------------------------------------
+def sampling_params(cfg: DictConfig, key: str) -> SamplingParams:
+    """``semantic`` / ``acoustic``, every number checked and named."""
+    check_number(cfg, f"{key}.temperature", float, low=0, default=0.8)
+    check_number(cfg, f"{key}.top_k", int, low=1, optional=True, default=30)
+    check_number(cfg, f"{key}.top_p", float, low=0, high=1, default=1.0)
+    try:
+        return SamplingParams(**cfg.get(key, {}))
+    except ValueError as e:
+        raise UserError(f"{key}: {e}") from None
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Every number of the config, checked before anything is loaded."""
+    check_number(cfg, "num_quantizers", int, low=1, high=MAX_QUANTIZERS)
+    check_number(cfg, "seed", int, low=0)
+    check_number(cfg, "num_samples", int, low=1, default=1)
+    check_number(cfg, "batch_size", int, low=1, optional=True)
+    check_number(cfg, "max_seconds", float, low=1 / FRAME_RATE)
+    check_number(cfg, "min_new_frames", int, low=0, default=0)
+    sampling_params(cfg, "semantic")
+    sampling_params(cfg, "acoustic")
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_settings(cfg)
     check_text_side(cfg)  # before the (slow) codec and model
     quant = parse_quantize(cfg.get("quantize"), cfg.get("quantize_group_size", 128))
     device = utils.get_device(cfg.get("device", "cpu"))
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(cfg.output_dir)
 
     tokenizer = config.instantiate(cfg.tokenizer)
     vocab = tokenizer.vocab
@@ -203,14 +240,14 @@ def recipe_main(cfg: DictConfig) -> None:
     if str(cfg.codec.get("path")) == "random":
         log.warning("!!! codec.path=random: an UNTRAINED Mimi decodes the codes. !!!")
     if codec.num_quantizers != vocab.num_quantizers:
-        raise ValueError(
+        raise UserError(
             f"the codec has num_quantizers={codec.num_quantizers} but the tokenizer "
             f"{vocab.num_quantizers}: set both from one num_quantizers"
         )
     prompts = build_prompts(cfg, tokenizer, codec)
     max_new_frames = int(cfg.max_seconds * FRAME_RATE)
     if max_new_frames < 1:
-        raise ValueError(f"max_seconds={cfg.max_seconds} is shorter than one frame (0.08 s)")
+        raise UserError(f"max_seconds={cfg.max_seconds} is shorter than one frame (0.08 s)")
     model = load_model(cfg, device, dtype)
     model = quantize_model(model, quant, device)
     dtype = quant.activation_dtype or dtype
@@ -220,8 +257,7 @@ def recipe_main(cfg: DictConfig) -> None:
     num_samples = int(cfg.get("num_samples", 1))
     jobs = [(p, k) for p in prompts for k in range(num_samples)]
     batch_size = int(cfg.get("batch_size") or len(jobs))
-    semantic = SamplingParams(**cfg.get("semantic", {}))
-    acoustic = SamplingParams(**cfg.get("acoustic", {}))
+    semantic, acoustic = sampling_params(cfg, "semantic"), sampling_params(cfg, "acoustic")
     streaming = bool(cfg.get("streaming", False))
     log.info(
         f"{len(prompts)} prompt(s) x {num_samples} sample(s), up to {cfg.max_seconds} s each; "
@@ -235,7 +271,10 @@ def recipe_main(cfg: DictConfig) -> None:
         bar = tqdm(total=max_new_frames, desc="frames", unit="frame")
         writer = None
         if streaming:
-            writer = StreamingWriter(codec, vocab, [Path(f"{s}_continuation.wav") for s in stems])
+            with writing(f"{stems[0]}_continuation.wav"):
+                writer = StreamingWriter(
+                    codec, vocab, [Path(f"{s}_continuation.wav") for s in stems]
+                )
 
         def on_frame(i, frame_ids, active, writer=writer, bar=bar):
             if writer is not None:
@@ -263,13 +302,16 @@ def recipe_main(cfg: DictConfig) -> None:
 
         for b, ((p, k), stem) in enumerate(zip(batch, stems)):
             new = out.new_codes(b)
-            torch.save(new.clone(), f"{stem}_codes.pt")
+            with writing(f"{stem}_codes.pt"):
+                torch.save(new.clone(), f"{stem}_codes.pt")
             if not streaming:
                 wave = codec.decode(new) if new.shape[-1] else torch.zeros(1, 0)
-                save_audio(f"{stem}_continuation.wav", wave, codec.sample_rate)
+                with writing(f"{stem}_continuation.wav"):
+                    save_audio(f"{stem}_continuation.wav", wave, codec.sample_rate)
             full = torch.cat([p.codes, new], dim=-1)
             wave = codec.decode(full) if full.shape[-1] else torch.zeros(1, 0)
-            save_audio(f"{stem}_full.wav", wave, codec.sample_rate)
+            with writing(f"{stem}_full.wav"):
+                save_audio(f"{stem}_full.wav", wave, codec.sample_rate)
             records.append(
                 dict(
                     name=p.name,
@@ -312,7 +354,8 @@ def recipe_main(cfg: DictConfig) -> None:
         rtf=totals["wall_s"] / audio_s if audio_s else None,
         samples=records,
     )
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    with writing(out_dir / "summary.json"):
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     rtf = f"{summary['rtf']:.3f}" if summary["rtf"] is not None else "n/a"
     log.info(
         f"generated {totals['frames']} frames ({audio_s:.2f} s of audio) in {totals['wall_s']:.2f} s: "

@@ -8,6 +8,7 @@ wav files encode exactly the codes we want and no Mimi is needed.
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -516,3 +517,41 @@ def test_recipe_scores_equal_the_reference_scripts_loss(tmp_path, monkeypatch):
         for side in ("positive", "negative"):
             ref = -reference_loss(r[side], every)
             assert r[f"score_{side}"] == pytest.approx(ref, abs=1e-4), (r["suite"], side)
+
+
+# ---- setting and output edge cases (issue 14) ---------------------------------------------------
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("batch_size=0", "batch_size=0 is out of range: it must be at least 1"),
+        ("encode_batch_size=-1", "encode_batch_size=-1 is out of range"),
+        ("tie_tolerance=-0.5", "tie_tolerance=-0.5 is out of range: it must be at least 0"),
+        ("suites.salmon.max_pairs=0", "suites.salmon.max_pairs=0 is out of range"),
+        ("generation.top_k=0", "generation.top_k=0 is out of range: it must be at least 1"),
+        ("generation.max_new_seconds=abc", "generation.max_new_seconds='abc' is not a number"),
+    ],
+)
+def test_recipe_numeric_settings_are_checked_first(tmp_path, monkeypatch, override, message):
+    from llama_mimi_tt.errors import UserError
+
+    recipe = _recipe()
+    monkeypatch.setattr(recipe, "read_suites", lambda cfg: pytest.fail("read the suites"))
+    args = ["llama_mimi_eval", "--config", str(ROOT / "configs" / "eval.yaml"), override]
+    monkeypatch.setattr(sys, "argv", args + [f"output_dir={tmp_path}"])
+    with pytest.raises(UserError, match=re.escape(message)):
+        recipe.recipe_main()
+
+
+def test_recipe_output_dir_is_checked_before_the_model_loads(tmp_path, monkeypatch):
+    from llama_mimi_tt.errors import UserError
+
+    recipe = _recipe()
+    monkeypatch.setattr(recipe, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    write_codes_wav(tmp_path / "sSC" / "0_s_correct.wav", pattern_codes(4))
+    write_codes_wav(tmp_path / "sSC" / "1_s_incorrect.wav", pattern_codes(4, 1))
+    (tmp_path / "taken").write_text("a file")
+    args = ["llama_mimi_eval", "--config", str(ROOT / "configs" / "eval.yaml")]
+    args += [f"suites.sstorycloze.path={tmp_path / 'sSC'}", f"output_dir={tmp_path / 'taken'}"]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(UserError, match=f"output_dir {tmp_path / 'taken'} is a file, not a folder"):
+        recipe.recipe_main()

@@ -3,8 +3,10 @@
 CPU, the tiny model with random weights, one thread (the machine is shared).
 """
 
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -210,7 +212,7 @@ def test_recipe_bad_inputs(tmp_path, codec):
     with pytest.raises(ValueError, match="none.pt: the prompt codes have no frames"):
         recipe.build_prompts(_cfg(prompt_codes=[str(tmp_path / "none.pt")]), tok, codec)
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="bad.pt: cannot read prompt codes"):
+    with pytest.raises(ValueError, match="bad.pt is not a codes file"):
         recipe.build_prompts(_cfg(prompt_codes=[str(tmp_path / "bad.pt")]), tok, codec)
     with pytest.raises(ValueError, match="has no text side"):
         recipe.build_prompts(_cfg(prompt_text="hello"), tok, codec)
@@ -313,3 +315,125 @@ def test_recipe_end_to_end(tmp_path, codec, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["llama_mimi_generate", "--config", cfg, "prompt_text=hi"])
     with pytest.raises(ValueError, match="has no text side"):
         recipe.recipe_main()
+
+
+# ---- prompt and setting edge cases (issue 14) ---------------------------------------------------
+GENERATE_CFG = str(REPO / "configs" / "generate.yaml")
+
+
+def shared_codec(path=None, num_quantizers=Q, device="cpu", seed=0):
+    """A ``codec._component_`` that reuses one random codec (building one takes seconds)."""
+    from llama_mimi_tt.codec import MimiCodec
+
+    if not hasattr(shared_codec, "codec"):
+        shared_codec.codec = MimiCodec.random(num_quantizers=Q, seed=0)
+    return shared_codec.codec
+
+
+def _run_generate(monkeypatch, *overrides):
+    import llama_mimi_generate as recipe
+
+    argv = ["llama_mimi_generate", "--config", GENERATE_CFG, "num_samples=1", "max_seconds=0.16"]
+    argv += ["codec._component_=tests.test_generation.shared_codec", *overrides]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        recipe.recipe_main()
+    return done.value.code
+
+
+def test_transposed_prompt_codes_are_an_error(tmp_path, codec):
+    import llama_mimi_generate as recipe
+
+    from llama_mimi_tt.errors import UserError
+
+    tok = LlamaMimiTokenizer("builtin:byte", num_quantizers=Q)
+    for frames in (50, 20):
+        torch.save(torch.randint(0, 2048, (frames, Q)), tmp_path / "t.pt")  # [F, Q]
+        with pytest.raises(UserError, match=rf"t.pt: expected codes of shape \[4, frames\] for "
+                           rf"num_quantizers=4 .* got \[{frames}, 4\]: that looks like "
+                           r"\[frames, levels\]; save codes.T instead"):  # fmt: skip
+            recipe.build_prompts(_cfg(prompt_codes=[str(tmp_path / "t.pt")]), tok, codec)
+    torch.save(torch.randint(0, 2048, (Q, 50)), tmp_path / "ok.pt")
+    p = recipe.build_prompts(_cfg(prompt_codes=[str(tmp_path / "ok.pt")]), tok, codec)[0]
+    assert p.codes.shape == (Q, 50)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("num_samples=0", "num_samples=0 is out of range: it must be at least 1"),
+        ("num_samples=-2", "num_samples=-2 is out of range: it must be at least 1"),
+        ("num_samples=two", "num_samples='two' is not a whole number"),
+        ("batch_size=0", "batch_size=0 is out of range: it must be at least 1"),
+        ("max_seconds=0", "max_seconds=0 is out of range: it must be at least 0.08"),
+        ("min_new_frames=-1", "min_new_frames=-1 is out of range"),
+        ("semantic.top_k=0", "semantic.top_k=0 is out of range: it must be at least 1"),
+        ("acoustic.top_p=1.5", "acoustic.top_p=1.5 is out of range: it must be between 0 and 1"),
+        ("acoustic.top_p=0", "acoustic: top_p must be in (0, 1], got 0"),
+        ("semantic.temperature=-1", "semantic.temperature=-1 is out of range"),
+        ("seed=1.5", "seed=1.5 is not a whole number"),
+    ],
+)
+def test_numeric_settings_are_checked_before_loading(monkeypatch, override, message):
+    import llama_mimi_generate as recipe
+
+    from llama_mimi_tt.errors import UserError
+
+    monkeypatch.setattr(recipe, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(recipe.config, "instantiate", lambda *a: pytest.fail("built something"))
+    with pytest.raises(UserError, match=re.escape(message)):
+        _run_generate(monkeypatch, override)
+
+
+def test_output_dir_problems_are_checked_before_loading(tmp_path, monkeypatch):
+    import llama_mimi_generate as recipe
+
+    from llama_mimi_tt.errors import UserError
+
+    monkeypatch.setattr(recipe.config, "instantiate", lambda *a: pytest.fail("built something"))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match=f"output_dir {tmp_path / 'f'} is a file, not a folder"):
+        _run_generate(monkeypatch, f"output_dir={tmp_path / 'f'}")
+    with pytest.raises(UserError, match=r"output_dir .*f/out is not writable \(Not a directory"):
+        _run_generate(monkeypatch, f"output_dir={tmp_path / 'f' / 'out'}")
+
+
+def test_disk_full_names_the_file(tmp_path, monkeypatch):
+    from llama_mimi_tt.errors import UserError
+
+    def full(obj, where, *a, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=rf"cannot write {out}/uncond_s0_codes.pt: No space left"):
+        _run_generate(monkeypatch, f"output_dir={out}")
+
+
+def test_prompt_path_that_is_a_folder(tmp_path, codec):
+    import llama_mimi_generate as recipe
+
+    from llama_mimi_tt.errors import UserError
+
+    tok = LlamaMimiTokenizer("builtin:byte", num_quantizers=Q)
+    with pytest.raises(UserError, match=f"{tmp_path} is a folder, not an audio file"):
+        recipe.build_prompts(_cfg(prompt_audio=[str(tmp_path)]), tok, codec)
+    with pytest.raises(UserError, match=f"prompt codes {tmp_path} is a folder, not a codes file"):
+        recipe.build_prompts(_cfg(prompt_codes=[str(tmp_path)]), tok, codec)
+
+
+def test_garbage_codes_file_says_what_it_is_not(tmp_path, codec):
+    import llama_mimi_generate as recipe
+
+    from llama_mimi_tt.errors import UserError
+
+    tok = LlamaMimiTokenizer("builtin:byte", num_quantizers=Q)
+    torch.save({"not": "codes", "obj": object.__new__(SamplingParams)}, tmp_path / "g.pt")
+    (tmp_path / "h.pt").write_bytes(b"garbage")
+    for name in ("g.pt", "h.pt"):
+        with pytest.raises(UserError) as e:
+            recipe.build_prompts(_cfg(prompt_codes=[str(tmp_path / name)]), tok, codec)
+        assert f"{tmp_path / name} is not a codes file: expected a tensor [Q, frames]" in str(
+            e.value
+        )
+        assert "weights_only" not in str(e.value)
