@@ -3,8 +3,9 @@
 Every waveform that reaches the Mimi codec goes through :func:`prepare_waveform`: it must be
 floating point, non-empty and finite; several channels are mixed down to mono by their mean;
 any sample rate is resampled to the codec's rate with soxr (high quality). Audio whose peak
-is above 1.0 (float files can hold anything, e.g. +-50) is normalised: scaled so that its peak
-is 1.0, with a logged warning (clipping would destroy it; Mimi was trained on [-1, 1]). Errors
+is above ``MAX_PEAK`` = 2.0 (float files can hold anything, e.g. +-50; a peak a little over 1.0
+is common and harmless) is normalised: scaled so that its peak is 1.0, with a logged warning
+(clipping would destroy it; Mimi was trained on [-1, 1]). Errors
 name the file or the input so that a corpus job can log why it skipped it.
 """
 
@@ -24,6 +25,8 @@ from llama_mimi_tt.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
+MAX_PEAK = 2.0  # louder float audio is normalised to peak 1.0
+
 __all__ = ["load_audio", "prepare_waveform", "save_audio", "synthetic_audio"]
 
 
@@ -34,7 +37,7 @@ def prepare_waveform(
     name: str = "waveform",
     report: Optional[dict] = None,
 ) -> torch.Tensor:
-    """Check a waveform, mix it down to mono, bring its peak into [-1, 1] and resample it.
+    """Check a waveform, mix it down to mono, normalise a peak above ``MAX_PEAK``, resample.
 
     Args:
         wave: float samples, ``[samples]`` or ``[channels, samples]`` (tensor or numpy array).
@@ -42,7 +45,7 @@ def prepare_waveform(
         target_sample_rate: the sample rate to return, in Hz.
         name: how error messages call this input (a file path, a dataset row id, ...).
         report: if given, ``report["peak"]`` is set to the original peak when the audio was
-            normalised (its peak was above 1.0).
+            normalised (its peak was above ``MAX_PEAK``).
 
     Returns:
         float32 CPU tensor ``[samples]`` at ``target_sample_rate``.
@@ -90,8 +93,8 @@ def prepare_waveform(
     if array.ndim == 2:
         array = array.mean(axis=0, dtype=np.float32) if array.shape[0] > 1 else array[0]
     peak = float(np.abs(array).max())
-    if peak > 1.0:
-        log.warning(f"{name}: samples reach {peak:.3g}, outside [-1, 1]: normalised to peak 1.0")
+    if peak > MAX_PEAK:
+        log.warning(f"{name}: samples reach {peak:.3g}, far outside [-1, 1]: normalised to peak 1")
         array = array / np.float32(peak)
         if report is not None:
             report["peak"] = peak

@@ -52,7 +52,7 @@ the missing ones, so work finished before an interruption is never redone, also 
 different number of ranks. A finished shard whose parquet footer cannot be read (a truncated
 or overwritten file) is corrupt: a rerun logs it and encodes it again, and readers name it.
 Each shard's parquet metadata holds its counts, skipped items and the items whose audio was
-normalised (peak above 1.0, see ``llama_mimi_tt.audio``); whichever process finishes the last
+normalised (peak above 2.0, see ``llama_mimi_tt.audio``); whichever process finishes the last
 shard writes ``cache.json``.
 
 Claims: before encoding a shard a process creates ``<shard>.claim`` (exclusively) holding its
@@ -557,7 +557,7 @@ def encode_items(
             seconds of audio encoded (after ``max_seconds``).
         logger: where skip reasons are logged (``logger.warning``).
         normalised (Optional[List[dict]]): if given, gets ``{"id", "path", "peak"}`` of every
-            item whose audio was normalised (peak above 1.0).
+            item whose audio was normalised (peak above 2.0).
 
     Returns:
         rows (List[dict]): one per piece, with the columns of ``SHARD_SCHEMA`` (``codes`` as

@@ -19,7 +19,8 @@ it (``<shard>.claim``; a claim whose process is gone is taken over, see
 ``llama_mimi_tt.code_cache``). Unreadable, empty, non-finite or too short (< 80 ms) audio and
 missing files are skipped with a logged reason; the summary at the end counts them and
 ``cache.json`` / ``skipped.jsonl`` record them. A run in which every item was skipped fails.
-Audio with samples beyond [-1, 1] is normalised to peak 1.0, logged and counted.
+Audio with samples far beyond [-1, 1] (peak above 2.0) is normalised to peak 1.0, logged and
+counted.
 """
 
 import socket
@@ -221,7 +222,7 @@ def tokenize(cfg: DictConfig) -> Dict[str, Any]:
     log.info(
         f"rank {rank}: encoded {written} shards, {seconds / 3600:.3f} h of audio in "
         f"{elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f} audio s/s), "
-        f"{num_skipped} files skipped, {num_normalised} normalised (peak above 1.0)"
+        f"{num_skipped} files skipped, {num_normalised} normalised (peak above 2.0)"
     )
 
     # ---- finish: the manifest, once every shard exists --------------------------------------

@@ -417,7 +417,7 @@ def test_loud_audio_is_normalised_warned_and_counted(tmp_path, caplog):
     assert summary["files_normalised"] == 1 and info["counts"]["normalised"] == 1
     assert info["normalised_examples"][0]["id"] == "loud"
     assert info["normalised_examples"][0]["peak"] == pytest.approx(50.0)
-    assert "loud.wav: samples reach 50, outside [-1, 1]: normalised" in caplog.text
+    assert "loud.wav: samples reach 50, far outside [-1, 1]: normalised" in caplog.text
     row = pq.read_table(tmp_path / "out" / shard_name(0, 1)).to_pylist()[0]
     stored = np.asarray(row["codes"]).reshape(4, row["num_frames"])
     peak_one = torch.from_numpy((loud / 50.0).astype(np.float32))  # scaled, not clipped

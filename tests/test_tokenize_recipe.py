@@ -46,9 +46,17 @@ def logging_codec(path="random", num_quantizers=4, device="cpu", seed=0):
     return _LoggingCodec(mimi_codec(path, num_quantizers, device, seed))
 
 
-def _tune(source, out, log, sleep, **kw):
+def quick_logging_codec(path="random", num_quantizers=4, device="cpu", seed=0):
+    """``logging_codec`` whose random codec fits its codebooks on 2 s of audio (not 20 s)."""
+    from llama_mimi_tt.codec import MimiCodec
+
+    torch.set_num_threads(1)
+    return _LoggingCodec(MimiCodec.random(num_quantizers=num_quantizers, seed=seed, fit_seconds=2))
+
+
+def _tune(source, out, log, sleep, codec="logging_codec"):
     cmd = [TUNE, "run", "llama_mimi_tokenize", "--config", "tokenize", f"source={source}"]
-    cmd += [f"output_dir={out}", "codec._component_=tests.test_tokenize_recipe.logging_codec"]
+    cmd += [f"output_dir={out}", f"codec._component_=tests.test_tokenize_recipe.{codec}"]
     cmd += ["codec.path=random", "num_quantizers=4", "shard_size=1", "batch_size=1"]
     env = dict(os.environ, LMTT_ENCODE_LOG=str(log), LMTT_SLEEP=str(sleep), OMP_NUM_THREADS="1")
     return subprocess.Popen(
@@ -117,3 +125,23 @@ def test_tune_run_killed_then_resumed(tmp_path):
     tok = llama_mimi_tokenizer("builtin:byte", num_quantizers=4)
     ds = audio_token_dataset(tok, str(out), split="all", cache_dir=str(tmp_path / "hf"))
     assert len(ds) == len(SECONDS)
+
+
+def test_two_processes_on_one_output_dir_split_the_work(tmp_path):
+    """Two `tune run llama_mimi_tokenize` started together on one output_dir: through the
+    shards' claim files each encodes a part, no file is encoded twice, the cache is whole."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(6):
+        sf.write(audio / f"u{i}.wav", synthetic_audio(0.3, 16000, seed=i)[0].numpy(), 16000)
+    out = tmp_path / "cache"
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [_tune(audio, out, log, sleep=0.7, codec="quick_logging_codec") for log in logs]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    encoded = [log.read_text().split() if log.exists() else [] for log in logs]
+    assert all(len(e) >= 1 for e in encoded), outputs  # both worked
+    assert len(encoded[0]) + len(encoded[1]) == len(set(encoded[0]) | set(encoded[1])) == 6
+    assert any("another process" in o and "is encoding it" in o for o in outputs)
+    info = json.loads((out / MANIFEST_FILE).read_text())
+    assert info["counts"]["encoded_items"] == 6 and not list(out.glob("*.claim"))
