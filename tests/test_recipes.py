@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -129,7 +130,7 @@ def test_full_run_loss_falls_and_output_loads_in_transformers(workdir):
 
 
 def test_fsdp2_on_two_cpu_processes_matches_one_process(workdir):
-    args = dict(epochs=2, batch_size=2, **{"dataset.packed": True})
+    args = FSDP
     single, dist = workdir / "single", workdir / "fsdp"
     # one process, batch 4 == two processes, batch 2 each: the same global batches
     tune_run(
@@ -165,7 +166,10 @@ def run_and_kill(args, cwd, out, at_step, nproc=None):
             assert p.poll() is None, f"the run ended before step {at_step}"
             assert time.time() < deadline
             time.sleep(0.02)
-        os.killpg(p.pid, signal.SIGKILL)
+        # torchrun starts its workers in sessions of their own: kill the whole tree
+        procs = psutil.Process(p.pid).children(recursive=True) + [psutil.Process(p.pid)]
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
         p.wait()
     return max(s for s, _ in losses_from_log(out))
 
@@ -186,6 +190,7 @@ def random_step(low, high):
 
 
 FULL = dict(epochs=10, batch_size=2, save_every_n_steps=4, keep_last_n_checkpoints=3)
+FSDP = dict(epochs=4, batch_size=2, save_every_n_steps=2, **{"dataset.packed": True})
 
 
 def test_full_killed_at_a_random_step_resumes_exactly(workdir):
@@ -277,7 +282,7 @@ def test_a_typo_in_an_override_stops_the_run_naming_the_key(workdir):
 
 def test_fsdp2_killed_at_a_random_step_resumes_exactly(workdir):
     reference = workdir / "fsdp"  # test_fsdp2_on_two_cpu_processes_... ran it uninterrupted
-    args = dict(epochs=2, batch_size=2, save_every_n_steps=2, **{"dataset.packed": True})
+    args = FSDP
     if not (reference / "logs").is_dir():
         tune_run(
             ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, reference, **args),
@@ -286,7 +291,8 @@ def test_fsdp2_killed_at_a_random_step_resumes_exactly(workdir):
         )
     out = workdir / "fsdp_killed"
     cmd = ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, **args)
-    killed = run_and_kill(cmd, workdir, out, random_step(3, 7), nproc=2)
+    last = len(losses_from_log(reference))  # 2 steps an epoch: each rank has half the data
+    killed = run_and_kill(cmd, workdir, out, random_step(3, last - 1), nproc=2)
     resumed_from, rest = resumed_equals_uninterrupted(reference, out, cmd, workdir, nproc=2)
     print(
         f"FSDP2: killed after step {killed}, resumed from step_{resumed_from}, {rest} steps equal"
