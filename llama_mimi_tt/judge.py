@@ -77,6 +77,7 @@ __all__ = [
     "mean_ci",
     "parse_judge_reply",
     "student_t_ppf",
+    "transcript_metrics",
 ]
 
 # =============================================================================================
@@ -541,6 +542,9 @@ def evaluate_generations(
     speaker: Optional[Callable] = None,
     max_concurrency: int = 4,
     progress: bool = True,
+    transcripts: Optional[Mapping[str, Mapping]] = None,
+    text_lm: Optional[Callable] = None,
+    auto_bleu_n: Optional[int] = 2,
 ) -> dict:
     """Judges and compares speakers of generated continuations.
 
@@ -553,15 +557,23 @@ def evaluate_generations(
         speaker: ``embed(wave, sample_rate) -> 1-D tensor``; None skips speaker similarity.
         max_concurrency: judge requests in flight at once.
         progress: tqdm bars.
+        transcripts: ``{id: {"continuation_text"[, "prompt_text"]}}`` used instead of the ASR
+            (e.g. read from a previous run's ``judgements.jsonl``); every item must be there.
+        text_lm: a ``text_metrics.TextLM`` for GenPPL of the continuations' transcripts.
+        auto_bleu_n: n of Auto-BLEU on the continuations' transcripts (None: off).
 
     Returns:
-        ``{"llm_judge": mean_ci(...) + {"failed", "rubric"}, "speaker_similarity": mean_ci(...)}``
-        (keys only for what ran).
+        ``{"llm_judge": mean_ci(...) + {"failed", "rubric"}, "speaker_similarity": mean_ci(...),
+        "genppl": text_metrics.genppl(...), "auto_bleu": mean_ci(...)}`` (keys only for what
+        ran; GenPPL and Auto-BLEU need transcripts, from the ASR or ``transcripts``).
     """
     from llama_mimi_tt.audio import load_audio
+    from llama_mimi_tt.errors import UserError
 
-    if judge is not None and asr is None:
-        raise ValueError("the LLM judge needs an ASR model to transcribe the audio (set asr)")
+    if judge is not None and asr is None and transcripts is None:
+        raise UserError("the LLM judge needs an ASR model to transcribe the audio (set asr)")
+    if text_lm is not None and asr is None and transcripts is None:
+        raise UserError("GenPPL needs transcripts: set asr, or transcripts (a .jsonl file)")
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [
@@ -572,6 +584,19 @@ def evaluate_generations(
         )
         for it in items
     ]
+    if transcripts is not None:
+        asr = None  # the saved transcripts stand in for it
+        for row in rows:
+            t = transcripts.get(row["id"])
+            if t is None or t.get("continuation_text") is None:
+                raise UserError(
+                    f"the transcripts have no continuation_text for id {row['id']!r}: add it, "
+                    "or leave generation.transcripts empty to transcribe with the ASR"
+                )
+            if judge is not None and t.get("prompt_text") is None:
+                raise UserError(f"the LLM judge needs prompt_text for id {row['id']!r}")
+            row["prompt_text"] = t.get("prompt_text")
+            row["continuation_text"] = t["continuation_text"]
     sr = 16000
     for row in tqdm(rows, desc="transcribing / embedding", disable=not progress or not rows):
         if asr is None and speaker is None:
@@ -615,9 +640,30 @@ def evaluate_generations(
             )
     if speaker is not None:
         summary["speaker_similarity"] = mean_ci([r["speaker_similarity"] for r in rows])
+    if rows and "continuation_text" in rows[0]:
+        summary.update(transcript_metrics(rows, text_lm, auto_bleu_n))
     with open(out_dir / "judgements.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+    return summary
+
+
+def transcript_metrics(rows: List[dict], text_lm=None, auto_bleu_n: Optional[int] = 2) -> dict:
+    """GenPPL and Auto-BLEU (SlamKit's, see ``llama_mimi_tt.text_metrics``) of the rows'
+    ``continuation_text``; each row gets its ``genppl_nll`` and ``auto_bleu``."""
+    from llama_mimi_tt.text_metrics import auto_bleu, genppl
+
+    texts = [r["continuation_text"] or "" for r in rows]
+    summary = {}
+    if text_lm is not None:
+        nlls = text_lm.nll(texts)
+        for r, v in zip(rows, nlls):
+            r["genppl_nll"] = v
+        summary["genppl"] = {**genppl(nlls), "text_lm": str(getattr(text_lm, "path", text_lm))}
+    if auto_bleu_n:
+        for r, t in zip(rows, texts):
+            r["auto_bleu"] = auto_bleu(t, auto_bleu_n)
+        summary["auto_bleu"] = {**mean_ci([r["auto_bleu"] for r in rows]), "n_gram": auto_bleu_n}
     return summary
 
 

@@ -13,7 +13,14 @@ Two parts, each optional:
    interval) and compared with the prompt's speaker (cosine similarity of speaker embeddings).
    Every judgement goes to ``judgements.jsonl``, the audio to ``generations/``: the prompt as
    it was cut (``prompt_seconds``, original audio) and the continuation alone (generated frames
-   decoded by Mimi); the judge and the speaker model compare these two files.
+   decoded by Mimi); the judge and the speaker model compare these two files. The transcripts
+   also give SlamKit's GenPPL (``generation.genppl_model``: a local HF causal LM) and Auto-BLEU
+   (``llama_mimi_tt.text_metrics``); ``generation.transcripts`` (e.g. a previous run's
+   ``judgements.jsonl``) stands in for the ASR, so they run offline.
+
+``report.html`` (``llama_mimi_tt.report``) is written next to ``results.json``: plots with 95%
+intervals, and audio players with transcripts and judge rationales. ``compare=[dir_a,dir_b]``
+only writes a page comparing finished runs to ``output_dir``.
 
     tune run llama_mimi_eval --config eval suites.salmon.path=/data/salmon_benchmark
     tune run llama_mimi_eval --config 1B_eval suites.tstorycloze.path=/data/tSC batch_size=32
@@ -45,6 +52,8 @@ from llama_mimi_tt.evaluation import (
 from llama_mimi_tt.loading import load_model
 from llama_mimi_tt.quantize import parse_quantize, quantize_model
 from llama_mimi_tt.recipe_config import check_number, check_output_dir, run_recipe
+from llama_mimi_tt.report import write_report
+from llama_mimi_tt.text_metrics import TextLM, check_text_lm_folder, read_transcripts
 
 log = utils.get_logger("INFO")
 
@@ -209,12 +218,22 @@ def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -
         for p in prompts
         if "continuation" in p
     ]
-    asr = config.instantiate(gcfg.asr) if gcfg.get("asr") else None
+    transcripts = read_transcripts(gcfg.transcripts) if gcfg.get("transcripts") else None
+    asr = config.instantiate(gcfg.asr) if gcfg.get("asr") and transcripts is None else None
     judge = config.instantiate(gcfg.judge) if gcfg.get("judge") else None
     speaker = config.instantiate(gcfg.speaker) if gcfg.get("speaker") else None
+    text_lm = None
+    if gcfg.get("genppl_model"):
+        text_lm = TextLM(
+            gcfg.genppl_model,
+            device=cfg.get("device", "cpu"),
+            dtype=gcfg.get("genppl_dtype", "fp32"),
+            batch_size=gcfg.get("genppl_batch_size", 8),
+        )
     summary = evaluate_generations(
         items, output_dir, asr=asr, judge=judge, speaker=speaker,
         max_concurrency=int(gcfg.get("max_concurrency", 4)),
+        transcripts=transcripts, text_lm=text_lm, auto_bleu_n=gcfg.get("auto_bleu_n", 2),
     )  # fmt: skip
     summary["no_continuation"] = len(failed)
     print(format_generation_summary({k: v for k, v in summary.items() if isinstance(v, dict)}))
@@ -242,11 +261,24 @@ def check_settings(cfg: DictConfig) -> None:
         check_number(cfg, g + "seed", int, low=0, default=0)
         check_number(cfg, g + "batch_size", int, low=1, default=4)
         check_number(cfg, g + "max_concurrency", int, low=1, default=4)
+        check_number(cfg, g + "genppl_batch_size", int, low=1, default=8)
+        check_number(cfg, g + "auto_bleu_n", int, low=1, optional=True, default=2)
+    check_number(cfg, "report_samples", int, low=0, default=8)
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     check_settings(cfg)
+    if cfg.get("compare"):
+        runs = list(cfg.compare) if OmegaConf.is_list(cfg.compare) else None
+        if not runs or len(runs) < 2:
+            raise UserError(
+                "compare takes a list of two or more evaluation output folders, e.g. "
+                "compare=[eval_out/run_a,eval_out/run_b]; it writes report.html to output_dir"
+            )
+        page = write_report(runs, check_output_dir(cfg.output_dir), cfg.get("report_samples", 8))
+        log.info(f"comparison of {len(runs)} runs (nothing evaluated): {page}")
+        return
     training.set_seed(seed=cfg.get("seed", 0))
     device = utils.get_device(cfg.get("device", "cpu"))
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device)
@@ -259,6 +291,10 @@ def recipe_main(cfg: DictConfig) -> None:
             "suites.swuggy.path, suites.sblimp.path, suites.sstorycloze.path, "
             "suites.tstorycloze.path) or generation.prompts"
         )
+    if gen_on and cfg.generation.get("genppl_model"):
+        check_text_lm_folder(cfg.generation.genppl_model)  # before hours of generation
+    if gen_on and cfg.generation.get("transcripts"):
+        read_transcripts(cfg.generation.transcripts)
     output_dir = check_output_dir(cfg.output_dir)
     if suites and cfg.get("code_cache_dir"):
         check_output_dir(cfg.code_cache_dir, "code_cache_dir")
@@ -288,6 +324,9 @@ def recipe_main(cfg: DictConfig) -> None:
         results["generation"] = run_generation(cfg, model, tokenizer, codec, output_dir)
     with writing(output_dir / "results.json"):
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if cfg.get("report", True):
+        page = write_report([output_dir], output_dir, cfg.get("report_samples", 8))
+        log.info(f"report: {page}")
     metric_cfg = cfg.get("metric_logger")
     if metric_cfg is not None:
         metric_logger = config.instantiate(metric_cfg)
@@ -297,7 +336,7 @@ def recipe_main(cfg: DictConfig) -> None:
             for sub, st in s["subsets"].items():
                 if len(s["subsets"]) > 1 and st["accuracy"] is not None:
                     scalars[f"{name}/{sub}/accuracy"] = st["accuracy"]
-        for name in ("llm_judge", "speaker_similarity"):
+        for name in ("llm_judge", "speaker_similarity", "genppl", "auto_bleu"):
             g = results.get("generation", {}).get(name)
             if g and g.get("mean") is not None:
                 scalars[f"{name}/mean"] = g["mean"]
