@@ -742,7 +742,7 @@ def shard_problem(path: Path, read_rows: bool = False) -> Optional[str]:
     except KeyError:
         return "corrupt: no llama_mimi_tt metadata in its parquet footer"
     except (OSError, ValueError, pa.ArrowException) as e:
-        return "corrupt: " + " ".join(str(e).split())
+        return "corrupt: " + " ".join(str(e).split()).rstrip(".")
     return None
 
 

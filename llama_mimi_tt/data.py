@@ -683,7 +683,7 @@ def audio_token_dataset(
                 try:
                     pq.read_table(f)
                 except (OSError, ValueError, pa.ArrowException) as bad:
-                    problem = "corrupt: " + " ".join(str(bad).split())
+                    problem = "corrupt: " + " ".join(str(bad).split()).rstrip(".")
                     raise corrupt_shard_error(Path(source), Path(f), problem) from e
             raise
     else:
