@@ -35,12 +35,13 @@ from llama_mimi_tt.errors import MissingFileError, UserError, writing
 
 __all__ = ["GENERATION_METRICS", "load_run", "wilson_interval", "write_report"]
 
-# (key in results.json's "generation", title, which way is better)
+# (key in results.json's "generation", title, which way is better, the plot's y range: the
+# metric's own range, so that a wide t interval of a few samples is cut at the axis)
 GENERATION_METRICS = [
-    ("llm_judge", "LLM judge (1-10)", "higher is better"),
-    ("genppl", "GenPPL", "lower is better"),
-    ("auto_bleu", "Auto-BLEU", "lower is better"),
-    ("speaker_similarity", "Speaker similarity", "higher is better"),
+    ("llm_judge", "LLM judge (1-10)", "higher is better", (0, 10.5)),
+    ("genppl", "GenPPL", "lower is better", None),
+    ("auto_bleu", "Auto-BLEU", "lower is better", (0, 1.05)),
+    ("speaker_similarity", "Speaker similarity", "higher is better", None),
 ]
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 FILES = "report_files"
@@ -132,7 +133,7 @@ def plot_suites(runs: Sequence[dict], labels: Sequence[str], path: Path) -> Opti
     ax.set_xlabel("accuracy % (ties count 0.5), 95% Wilson interval")
     ax.set_title("Likelihood benchmarks")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    fig.legend(loc="outside lower center", ncols=len(runs) + 1, fontsize="small")
     with writing(path):
         fig.savefig(path)
     return path
@@ -147,20 +148,22 @@ def plot_generation(runs: Sequence[dict], labels: Sequence[str], path: Path) -> 
         return None
     fig = _figure(2.6 * len(metrics) + 0.6, 3.2)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    for ax, (key, title, better) in zip(axes, metrics):
+    for ax, (key, title, better, limits) in zip(axes, metrics):
+        ticks = []
         for j, g in enumerate(gens):
             s = g.get(key) or {}
             if s.get("mean") is None:
+                ticks.append(f"{labels[j]}\n-")
                 continue
             err = None
             if s.get("ci_low") is not None:
                 err = [[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]]
-            ax.bar([j], [s["mean"]], yerr=err, capsize=4, color=COLORS[j % len(COLORS)],
-                   label=labels[j])  # fmt: skip
-            ax.annotate(f"{s['mean']:.3g}", (j, s["mean"]), ha="center", va="bottom",
-                        xytext=(0, 2), textcoords="offset points", fontsize="small")  # fmt: skip
+            ax.bar([j], [s["mean"]], yerr=err, capsize=4, color=COLORS[j % len(COLORS)])
+            ticks.append(f"{labels[j]}\n{s['mean']:.3g}")
         ax.set_title(f"{title}\n({better})", fontsize="medium")
-        ax.set_xticks(range(len(labels)), labels, rotation=20 if len(labels) > 1 else 0)
+        ax.set_xticks(range(len(labels)), ticks, fontsize="small")
+        if limits:
+            ax.set_ylim(*limits)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Generation quality (mean, 95% interval)")
     with writing(path):
@@ -217,6 +220,8 @@ def _audio(path: Optional[str], run_dir: Path, page_dir: Path) -> str:
 
 def _model_of(results: dict) -> str:
     cfg = results.get("config") or {}
+    if not cfg:
+        return "-"
     ck = cfg.get("checkpointer") or {}
     if ck.get("checkpoint_dir"):
         return str(ck["checkpoint_dir"])
@@ -256,7 +261,7 @@ def _generation_table(runs, labels) -> str:
     gens = [r["results"].get("generation") or {} for r in runs]
     head = "".join(f"<th>{_esc(label)}: mean [95%]</th><th>n</th>" for label in labels)
     body = ""
-    for key, title, better in GENERATION_METRICS:
+    for key, title, better, _ in GENERATION_METRICS:
         if not any(key in g for g in gens):
             continue
         cells = ""
