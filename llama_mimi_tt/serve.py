@@ -114,7 +114,7 @@ class ServeLimits:
 
 
 # ---- one request ----------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)  # a job is equal only to itself (the queue removes jobs by identity)
 class Job:
     """One request: its prompt waveform (24 kHz, checked), its settings and where its events go.
 

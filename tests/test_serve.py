@@ -4,6 +4,7 @@ bounded queue, every bad input's answer, the recipe, and the page in a real head
 Servers run in this process (uvicorn in a thread, on a free port) with the tiny random model
 and the random Mimi; one test starts the recipe itself with `tune run`."""
 
+import asyncio
 import base64
 import io
 import json
@@ -29,8 +30,9 @@ import uvicorn
 from llama_mimi_tt import MimiCodec, llama_mimi_tiny, llama_mimi_tokenizer
 from llama_mimi_tt.audio import synthetic_audio
 from llama_mimi_tt.errors import UserError
+from llama_mimi_tt.generation import SamplingParams
 from llama_mimi_tt.recipe_config import prepare_argv
-from llama_mimi_tt.serve import ContinuationBatcher, ServeLimits, create_app
+from llama_mimi_tt.serve import ContinuationBatcher, Job, ServeLimits, create_app
 
 Q = 4
 FRAME = 1920  # samples per Mimi frame at 24 kHz
@@ -136,6 +138,28 @@ def test_continue_and_stream_give_the_same_audio(parts):
         print(f"streamed vs whole: max diff {same:.1e}; vs another seed {other:.1e}")
         assert got["audio"][0].shape == whole.shape and same < 2e-6 and other > 1e-5
         assert os.listdir(app.state.upload_dir) == []  # every upload deleted
+
+
+def test_batches_take_jobs_that_fit_in_arrival_order(parts):
+    model, codec, tokenizer = parts
+    limits = ServeLimits(max_batch_size=3, max_samples=3, batch_wait_ms=0)
+    batcher = ContinuationBatcher(model, codec, tokenizer.vocab, tokenizer.bos_id, limits)
+    loop = asyncio.new_event_loop()
+    try:
+
+        def job(samples, temperature=0.8):
+            p = SamplingParams(temperature)
+            return Job(torch.zeros(1920), 2, list(range(samples)), p, p, False, loop)
+
+        a, b, c, d, e = job(1), job(3), job(2), job(1, temperature=0.5), job(1)
+        for j in (a, b, c, d, e):
+            batcher.submit(j)
+        assert batcher._next_batch() == [a, c]  # b does not fit beside a; d samples otherwise
+        assert batcher._next_batch() == [b]
+        assert batcher._next_batch() == [d]
+        assert batcher._next_batch() == [e]
+    finally:
+        loop.close()
 
 
 def test_batch_of_concurrent_requests_equals_each_alone(parts):
