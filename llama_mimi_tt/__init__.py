@@ -40,6 +40,7 @@ from llama_mimi_tt.models import (
     qlora_llama_mimi_8b,
 )
 from llama_mimi_tt.modules import audio_rows_state_dict
+from llama_mimi_tt.preference import PreferenceDataset, preference_dataset
 from llama_mimi_tt.tokenizer import LlamaMimiTokenizer, llama_mimi_tokenizer
 from llama_mimi_tt.vocab import MimiVocab
 
@@ -71,6 +72,8 @@ __all__ = [
     # data and training
     "open_audio_source",
     "audio_token_dataset",
+    "preference_dataset",
+    "PreferenceDataset",
     "AudioTokenDataset",
     "AudioPackedDataset",
     "AudioTokenIterableDataset",

@@ -38,6 +38,8 @@ RECIPE_CONFIGS: Dict[str, List[str]] = {
         "8B_lora_single_device",
         "8B_qlora_single_device",
     ],
+    "llama_mimi_pairs": ["tiny_pairs", "1B_pairs"],
+    "llama_mimi_dpo": ["tiny_dpo", "1B_lora_dpo_single_device"],
     "llama_mimi_generate": ["generate", "1B_generate"],
     "llama_mimi_eval": ["eval", "1B_eval"],
     "llama_mimi_serve": ["serve", "1B_serve"],

@@ -203,6 +203,31 @@ class LlamaMimiTokenizer:
             ids = ids[: audio_start + 1 + frames * self.vocab.num_quantizers]
         return ids, audio_start
 
+    def continuation_ids(
+        self, prompt_codes, continuation_codes=None, text: Optional[str] = None
+    ) -> Tuple[List[int], int]:
+        """``<bos> [text] <audio> prompt frames continuation frames`` (no ``</audio>``: the audio
+        goes on), and the index of the first continuation id. With ``max_seq_len`` set, the
+        continuation is cut on a frame boundary to fit."""
+        q = self.vocab.num_quantizers
+        prompt = torch.as_tensor(prompt_codes)[:q]
+        ids, _ = self.tokenize(prompt, text)
+        if ids[-1] == self.vocab.audio_end_id:
+            ids = ids[:-1]
+        start = len(ids)
+        if continuation_codes is not None:
+            cont = self.vocab.encode(torch.as_tensor(continuation_codes)[:q]).tolist()
+            if self.max_seq_len is not None:
+                room = (self.max_seq_len - start) // q * q
+                if room < q:
+                    raise ValueError(
+                        f"max_seq_len={self.max_seq_len} leaves no room for a continuation "
+                        f"after a prompt of {start} tokens: raise max_seq_len or cut the prompt"
+                    )
+                cont = cont[:room]
+            ids = ids + cont
+        return ids, start
+
     def split(self, ids) -> Tuple[str, List[torch.Tensor]]:
         """A generated sequence back to ``(text, [codes [Q, F] of each audio span])``."""
         text_ids, audio = self.vocab.split(ids)

@@ -17,7 +17,7 @@ complete one at the exact next batch.
 import gc
 import time
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -59,6 +59,17 @@ OPTIONAL_KEYS = (
     "fsdp_cpu_offload",
     "save_hf_every_n_steps",
 )
+
+
+class StepResult(NamedTuple):
+    """What one batch gives the loop: the summed loss to back-propagate, what it is a sum over
+    (tokens here; pairs for DPO), the target tokens, the level-loss sums and other metric sums."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    tokens: torch.Tensor
+    level_stats: torch.Tensor
+    metrics: Dict[str, torch.Tensor]
 
 
 def must_match(cfg: DictConfig, world_size: int) -> Dict[str, Any]:
@@ -132,9 +143,7 @@ class LlamaMimiFinetuneRecipe:
         self._compile = cfg.get("compile", False)
         self._model = self._setup_model(cfg)
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._loss_fn = config.instantiate(cfg.loss)
-        if self._compile:
-            training.compile_loss(self._loss_fn, verbose=self.is_rank_zero)
+        self._setup_loss(cfg)
         check_audio_setup(self._model, self._tokenizer, self._loss_fn)
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
 
@@ -154,6 +163,13 @@ class LlamaMimiFinetuneRecipe:
             )
         self._val_dataloader = self._setup_validation(cfg)
         self._profiler = self._setup_profiler(cfg.get("profiler", None))
+
+    def _setup_loss(self, cfg: DictConfig) -> None:
+        self._loss_fn = config.instantiate(cfg.loss)
+        if self._compile:
+            training.compile_loss(self._loss_fn, verbose=self.is_rank_zero)
+        # chunked output: the full-vocabulary logits never exist in fp32 at once
+        self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
 
     def _find_resume_point(self, cfg: DictConfig):
         """The newest complete ``step_N``; sets the counters, or ``finished``."""
@@ -292,7 +308,6 @@ class LlamaMimiFinetuneRecipe:
             self._tokenizer,
             batch_size=batch_size,
             shuffle=False,
-            collate_fn=cfg.get("collate_fn", "torchtune.data.padded_collate_sft"),
             stream_batches=self._val_max_batches,
         )
         if len(loader) == 0:
@@ -371,6 +386,12 @@ class LlamaMimiFinetuneRecipe:
         )
 
     # ---- the loop -----------------------------------------------------------------------------
+    def train_step(self, batch: Dict[str, torch.Tensor]) -> StepResult:
+        """One batch: next-token cross-entropy, summed over its target tokens."""
+        utils.batch_to_device(batch, self._device)
+        loss, level, n = forward_loss(self._model, batch, self._loss_fn, self._activations_ctx)
+        return StepResult(loss * n, n, n, level, {})
+
     def train(self) -> None:
         if self.finished:
             return
@@ -379,8 +400,10 @@ class LlamaMimiFinetuneRecipe:
             training.cleanup_before_training()
         self._optimizer.zero_grad()
         running_loss = torch.zeros((), device=self._device)
+        count = torch.zeros((), device=self._device)
         num_tokens = torch.zeros((), device=self._device, dtype=torch.long)
         stats = torch.zeros(4, device=self._device)
+        metrics: Dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
         self._profiler.start()
         for curr_epoch in range(self.epochs_run, self.total_epochs):
@@ -393,22 +416,21 @@ class LlamaMimiFinetuneRecipe:
                 profiled = curr_epoch == 0 and self._profile_memory
                 if profiled and idx == self._profiler_wait + self._profiler_warmup:
                     torch.cuda.memory._record_memory_history()  # torch's documented recorder
-                utils.batch_to_device(batch, self._device)
-                loss, level, n = forward_loss(
-                    self._model, batch, self._loss_fn, self._activations_ctx
-                )
-                loss = loss * n
-                running_loss += loss.detach()
-                num_tokens += n
-                stats += level
-                loss.backward()
+                out = self.train_step(batch)
+                running_loss += out.loss_sum.detach()
+                count += out.count
+                num_tokens += out.tokens
+                stats += out.level_stats
+                for name, value in out.metrics.items():
+                    metrics[name] = metrics.get(name, 0) + value.detach()
+                out.loss_sum.backward()
                 if (idx + 1) % self.grad_accum:
                     continue
 
                 # one optimizer step over the accumulated batches (and ranks)
-                all_reduce(num_tokens, running_loss, stats)
-                # FSDP2 averages gradients over ranks: scale by world size / global tokens
-                training.scale_grads(self._model, self.world_size / num_tokens)
+                all_reduce(count, num_tokens, running_loss, stats, *metrics.values())
+                # FSDP2 averages gradients over ranks: scale by world size / global count
+                training.scale_grads(self._model, self.world_size / count)
                 grad_norm = None
                 if self.clip_grad_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -422,7 +444,7 @@ class LlamaMimiFinetuneRecipe:
                     self._lr_scheduler.step()
                 self.global_step += 1
 
-                step_loss = running_loss.item() / max(num_tokens.item(), 1)
+                step_loss = running_loss.item() / max(count.item(), 1)
                 self.loss_history.append((self.global_step, step_loss))
                 pbar.update(1)
                 pbar.set_description(f"{curr_epoch + 1}|{self.global_step}|Loss: {step_loss:.4f}")
@@ -434,6 +456,7 @@ class LlamaMimiFinetuneRecipe:
                         "tokens_per_second_per_gpu": num_tokens.item()
                         / (seconds * self.world_size),
                         **level_losses(stats),
+                        **{k: v.item() / max(count.item(), 1) for k, v in metrics.items()},
                     }
                     if grad_norm is not None:
                         log_dict["grad_norm"] = float(grad_norm)
@@ -445,8 +468,10 @@ class LlamaMimiFinetuneRecipe:
                 ):
                     self._log_validation()
                 running_loss.zero_()
+                count.zero_()
                 num_tokens.zero_()
                 stats.zero_()
+                metrics.clear()
                 if profiled and idx == (
                     self._profiler_wait + self._profiler_warmup + self._profiler_active
                 ):
@@ -483,10 +508,10 @@ class LlamaMimiFinetuneRecipe:
             dist.destroy_process_group()
 
 
-def train(cfg: DictConfig) -> LlamaMimiFinetuneRecipe:
+def train(cfg: DictConfig, recipe_cls=LlamaMimiFinetuneRecipe) -> LlamaMimiFinetuneRecipe:
     """Set up, train, clean up; returns the recipe (tests read its loss history)."""
-    config.log_config(recipe_name="LlamaMimiFinetuneRecipe", cfg=cfg)
-    recipe = LlamaMimiFinetuneRecipe(cfg=cfg)
+    config.log_config(recipe_name=recipe_cls.__name__, cfg=cfg)
+    recipe = recipe_cls(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.train()
     recipe.cleanup()
