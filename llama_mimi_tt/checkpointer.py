@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchtune import training
 from torchtune.models import convert_weights
+from torchtune.modules import TiedLinear
 from torchtune.utils import get_logger
 
 from llama_mimi_tt.errors import MissingFileError, UserError
@@ -61,9 +62,11 @@ def init_audio_rows(text_rows: torch.Tensor, num_rows: int, seed: int = AUDIO_RO
 
 def weight_files(folder: Path, checkpoint_files: Optional[List[str]] = None) -> List[Path]:
     """The safetensors files of a checkpoint folder: as given, from the index, or by glob."""
+    listed_by = "checkpoint_files"
     if checkpoint_files:
         files = [folder / f for f in checkpoint_files]
     elif (folder / INDEX_FNAME).is_file():
+        listed_by = INDEX_FNAME
         try:
             index = json.loads((folder / INDEX_FNAME).read_text())
             files = [folder / f for f in sorted(set(index["weight_map"].values()))]
@@ -78,7 +81,7 @@ def weight_files(folder: Path, checkpoint_files: Optional[List[str]] = None) -> 
             )
     for f in files:
         if not f.is_file():
-            raise MissingFileError(f"{f}: weight file missing (listed by the checkpoint config)")
+            raise MissingFileError(f"{f}: weight file missing (listed by {listed_by})")
     return files
 
 
@@ -176,24 +179,39 @@ class LlamaMimiCheckpointer:
             )
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Fails naming the field when config.json describes another architecture."""
+        """Fails naming the field and both values when config.json describes another
+        architecture than ``model`` (layers, sizes, heads, tied embeddings, vocabulary, Q)."""
+        where = self.checkpoint_dir / "config.json"
         attn, mlp = model.layers[0].attn, model.layers[0].mlp
         built = {
             "num_hidden_layers": len(model.layers),
             "hidden_size": model.tok_embeddings.embedding_dim,
             "num_attention_heads": attn.num_heads,
             "num_key_value_heads": attn.num_kv_heads,
-            "intermediate_size": mlp.w1.out_dim if hasattr(mlp.w1, "out_dim") else None,
+            "intermediate_size": getattr(mlp.w1, "out_dim", getattr(mlp.w1, "out_features", None)),
+            "tie_word_embeddings": isinstance(model.output, TiedLinear),
         }
-        if built["intermediate_size"] is None:
-            built["intermediate_size"] = getattr(mlp.w1, "out_features", None)
         for field, value in built.items():
             saved = self.config.get(field)
+            if field == "tie_word_embeddings" and saved is None:
+                saved = False  # transformers' default
             if value is not None and saved is not None and saved != value:
                 raise UserError(
-                    f"{self.checkpoint_dir / 'config.json'} has {field}={saved} but the config's "
-                    f"model has {value}: pick the model builder that matches the checkpoint"
+                    f"{where} has {field}={saved} but the config's model has {value}: pick the "
+                    "model builder that matches the checkpoint"
                 )
+        # vocabulary and Q: the model, the checkpointer and config.json must agree
+        v, rows = self.vocab, model.tok_embeddings.num_embeddings
+        if rows != self.vocab_size:
+            raise UserError(
+                f"the config's model has {rows} vocabulary rows but the checkpointer expects "
+                f"{self.vocab_size} (text_vocab_size={v.text_vocab_size}, num_quantizers="
+                f"{v.num_quantizers}): give the model and the checkpointer the same "
+                "num_quantizers, text_vocab_size and pad_vocab_to_multiple_of"
+            )
+        saved = self.config.get("vocab_size")
+        if saved is not None and saved != v.text_vocab_size and not v.size <= saved <= rows:
+            raise self._rows_error(saved)
 
     def _rows_error(self, rows: int) -> UserError:
         v = self.vocab

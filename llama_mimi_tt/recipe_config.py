@@ -223,6 +223,85 @@ def check_output_dir(path, key: str = "output_dir") -> Path:
     return p
 
 
+# ---- inputs that must exist before anything is loaded ------------------------------------------
+# (dotted key, what it is); null, ``random`` and ``builtin:...`` values are not files
+INPUT_KEYS = (
+    ("checkpointer.checkpoint_dir", "checkpoint folder"),
+    ("tokenizer.path", "tokenizer"),
+    ("dataset.source", "dataset"),
+    ("validation.dataset.source", "validation dataset"),
+    ("prompts", "prompts"),
+    ("codec.path", "Mimi weights file"),
+)
+FIRST_STEP_PREFIXES = ("tune ", "python ", "huggingface-cli ", "bash ")
+
+
+def first_steps(config_file: str) -> List[tuple]:
+    """``(command, its comment line)`` for each command in a config's header comment (the
+    steps that make its inputs), in order."""
+    steps = []
+    for line in Path(config_file).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        for part in re.split(r"\(|\)|;", text):
+            part = part.strip().rstrip(".").rstrip("\\ ").strip()
+            if part.startswith(FIRST_STEP_PREFIXES):
+                steps.append((part, text))
+    return steps
+
+
+def _step_for(cfg: DictConfig, steps: List[tuple], path: str, config_file: str) -> str:
+    """The header command whose line names ``path`` (or its ``${variable}``); else the first
+    header command that is not this config's own run. ``${name}`` filled in from ``cfg``."""
+    own = f"--config {Path(config_file).stem}"
+    steps = [(step, line) for step, line in steps if own not in step]
+    names = {path, Path(path).name}
+    top = {k: v for k, v in cfg.items() if isinstance(v, str)}
+    names.update("${" + k + "}" for k, v in top.items() if v == path)
+    chosen = next((step for step, line in steps if any(n in line for n in names)), None)
+    if chosen is None and steps:
+        chosen = steps[0][0]
+    if chosen is None:
+        return f"make it first (see the header of {config_file})"
+    for k, v in top.items():
+        chosen = chosen.replace("${" + k + "}", v)
+    return f"make it first: `{chosen}`"
+
+
+def check_inputs(cfg: DictConfig, config_file: str) -> None:
+    """A missing input file or folder, or a CUDA device on a machine without one: one line that
+    names it and the command (from the config's header) that makes it. Runs before any heavy
+    work, so that a shipped config run too early stops at once."""
+    steps = first_steps(config_file) if Path(config_file).is_file() else []
+    for key, what in INPUT_KEYS:
+        try:
+            value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        except Exception:  # an interpolation the recipe resolves itself
+            continue
+        if not isinstance(value, str) or value in ("", "random") or value.startswith("builtin:"):
+            continue
+        if key == "codec.path" and not value.endswith(".safetensors"):
+            continue  # a hub name, or a format the codec checks itself
+        path = Path(value).expanduser()
+        if key == "dataset.source" and cfg.get("source_type", "auto") == "hf":
+            continue
+        if not path.exists():
+            raise UserError(
+                f"{key}={value}: this {what} does not exist: "
+                + _step_for(cfg, steps, value, config_file)
+            )
+    device = str(cfg.get("device", "cpu") or "cpu")
+    if device.startswith("cuda"):
+        import torch  # only here: the key check above stays light
+
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"device={device} but this machine has no CUDA GPU: run on a GPU, or set "
+                "device=cpu (and dtype=fp32 or bf16)"
+            )
+
+
 # ---- the recipes' __main__ ---------------------------------------------------------------------
 def prepare_argv(argv: List[str], recipe: str, optional_keys: Iterable[str] = ()) -> List[str]:
     """``--config`` resolved and every override checked; ``+key=value`` becomes ``key=value``."""
@@ -250,6 +329,7 @@ def prepare_argv(argv: List[str], recipe: str, optional_keys: Iterable[str] = ()
         dotlist.append(f"{key}={value}")
     merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
     check_keys(merged, known_keys(recipe, optional_keys), cli_keys, added, argv[i])
+    check_inputs(merged, argv[i])
     return argv
 
 

@@ -34,7 +34,7 @@ from llama_mimi_tt.audio import save_audio
 from llama_mimi_tt.codec import MAX_QUANTIZERS
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
 from llama_mimi_tt.generation import FRAME_RATE, SamplingParams, generate
-from llama_mimi_tt.loading import load_model
+from llama_mimi_tt.loading import load_model, random_weights
 from llama_mimi_tt.quantize import parse_quantize, quantize_model
 from llama_mimi_tt.recipe_config import check_number, check_output_dir, run_recipe
 
@@ -335,7 +335,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
     audio_s = totals["frames"] / FRAME_RATE
     summary = dict(
-        random_weights=cfg.get("checkpointer", None) is None,
+        random_weights=random_weights(cfg),
         num_quantizers=vocab.num_quantizers,
         max_seconds=float(cfg.max_seconds),
         streaming=streaming,

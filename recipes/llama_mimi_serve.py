@@ -13,7 +13,7 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 
-from llama_mimi_tt.loading import load_model
+from llama_mimi_tt.loading import load_model, random_weights
 from llama_mimi_tt.quantize import parse_quantize, quantize_model
 from llama_mimi_tt.recipe_config import run_recipe
 from llama_mimi_tt.serve import ContinuationBatcher, ServeLimits, serve
@@ -34,9 +34,8 @@ def recipe_main(cfg: DictConfig) -> None:
     model = quantize_model(load_model(cfg, device, dtype), quant, device)
     log.info(f"precision: {quant.describe(device)}")
     name = cfg.get("model_dir") or cfg.model._component_
-    random_weights = cfg.get("checkpointer", None) is None
     batcher = ContinuationBatcher(
-        model, codec, tokenizer.vocab, tokenizer.bos_id, limits, name, random_weights
+        model, codec, tokenizer.vocab, tokenizer.bos_id, limits, name, random_weights(cfg)
     )
     api_key = os.environ.get(cfg.api_key_env) if cfg.get("api_key_env") else None
     if api_key:
