@@ -329,8 +329,22 @@ def prepare_argv(argv: List[str], recipe: str, optional_keys: Iterable[str] = ()
         dotlist.append(f"{key}={value}")
     merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
     check_keys(merged, known_keys(recipe, optional_keys), cli_keys, added, argv[i])
-    check_inputs(merged, argv[i])
     return argv
+
+
+def check_argv_inputs(argv: List[str]) -> None:
+    """``check_inputs`` on the config of an argv that ``prepare_argv`` has checked."""
+    i = argv.index("--config") + 1
+    cfg = OmegaConf.load(argv[i])
+    dotlist = []
+    for j, arg in enumerate(argv[1:], start=1):
+        if j in (i - 1, i) or arg.startswith("~") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if OmegaConf.is_dict(cfg.get(key)) and "_component_" in cfg[key]:
+            key += "._component_"
+        dotlist.append(f"{key}={value}")
+    check_inputs(OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist)), argv[i])
 
 
 def run_recipe(recipe_main: Callable[[], object], recipe: str, optional_keys=()) -> int:
@@ -338,6 +352,7 @@ def run_recipe(recipe_main: Callable[[], object], recipe: str, optional_keys=())
     (UserError) as one line with exit status 1 (``LLAMA_MIMI_DEBUG=1``: with its traceback)."""
     try:
         sys.argv = prepare_argv(sys.argv, recipe, optional_keys)
+        check_argv_inputs(sys.argv)  # a missing input: the command that makes it
         recipe_main()
     except UserError as e:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):

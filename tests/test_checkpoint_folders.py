@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from llama_mimi_tt.code_cache import write_code_cache
 from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.loading import load_model
-from llama_mimi_tt.recipe_config import RECIPE_CONFIGS, prepare_argv
+from llama_mimi_tt.recipe_config import RECIPE_CONFIGS, check_argv_inputs, prepare_argv
 from llama_mimi_tt.tiny import write_tiny_base_llama
 from tests.test_recipes import learnable_utts, load_cfg, overrides
 
@@ -155,12 +155,12 @@ def test_shipped_configs_without_their_inputs_name_the_command_to_run_first(
     monkeypatch.chdir(tmp_path)  # no demo_out here
     argv = [recipe, "--config", name]
     if name in RUN_WITHOUT_INPUTS:
-        prepare_argv(argv, recipe)  # random weights / source given on the command line
+        check_argv_inputs(prepare_argv(argv, recipe))  # random weights; tokenize: source=...
         return
     with pytest.raises(
         UserError, match=r"does not exist: make it first: `(tune|python|huggingface-cli|bash) "
     ):
-        prepare_argv(argv, recipe)
+        check_argv_inputs(prepare_argv(argv, recipe))
 
 
 def test_tiny_full_before_the_demo_is_one_line_and_writes_nothing(tmp_path):
