@@ -22,24 +22,9 @@ from llama_mimi_tt.recipe_config import (
     resolve_config,
 )
 
-RECIPES = ["llama_mimi_tokenize", "llama_mimi_full", "llama_mimi_lora"]
-RECIPES += ["llama_mimi_generate", "llama_mimi_eval", "llama_mimi_serve"]
-EXPECTED = {
-    "tokenize",
-    "tiny_full",
-    "tiny_lora",
-    "1B_full",
-    "1B_lora_single_device",
-    "8B_full",
-    "8B_lora_single_device",
-    "8B_qlora_single_device",
-    "generate",
-    "1B_generate",
-    "eval",
-    "1B_eval",
-    "serve",
-    "1B_serve",
-}
+RECIPES = sorted(RECIPE_CONFIGS)  # every recipe module, and the configs each one owns
+EXPECTED = {name for names in RECIPE_CONFIGS.values() for name in names}
+assert len(RECIPES) == 9 and len(EXPECTED) == 20
 
 
 def components(node):
