@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from llama_mimi_tt import LlamaMimiCheckpointer, llama_mimi_tiny
 from llama_mimi_tt.code_cache import write_code_cache
+from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.recipe_config import resolve_config
 from llama_mimi_tt.tiny import write_tiny_base_llama
 
@@ -189,42 +190,44 @@ def random_step(low, high):
     return step
 
 
-FULL = dict(epochs=10, batch_size=2, save_every_n_steps=4, keep_last_n_checkpoints=3)
+FULL = dict(epochs=10, batch_size=2)
 FSDP = dict(epochs=4, batch_size=2, save_every_n_steps=2, **{"dataset.packed": True})
+# 4 epochs of 4 steps, a checkpoint every 3 steps (mid-epoch) and at each epoch's end
+RESUME = dict(epochs=4, batch_size=2, shuffle=True, save_every_n_steps=3, keep_last_n_checkpoints=2)
 
 
-def test_full_killed_at_a_random_step_resumes_exactly(workdir):
-    reference = workdir / "full"  # test_full_run_loss_falls_... ran these settings uninterrupted
-    if not (reference / "logs").is_dir():
-        tune_run(
-            ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, reference, **FULL),
-            workdir,
-        )
+def full_args(workdir, out, **settings):
+    return ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, **settings)
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """The uninterrupted run that killed and resumed runs must reproduce."""
+    out = workdir / "reference"
+    tune_run(full_args(workdir, out, **RESUME), workdir)
+    return out
+
+
+def test_full_killed_at_a_random_step_resumes_exactly(workdir, reference):
     out = workdir / "full_killed"
-    args = ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, **FULL)
-    killed = run_and_kill(args, workdir, out, random_step(5, 38))
+    args = full_args(workdir, out, **RESUME)
+    killed = run_and_kill(args, workdir, out, random_step(4, 15))
     resumed_from, rest = resumed_equals_uninterrupted(reference, out, args, workdir)
     print(f"full: killed after step {killed}, resumed from step_{resumed_from}, {rest} steps equal")
-    assert resumed_from == killed - killed % 4
-    # keep_last_n_checkpoints=3: only the newest three folders stay
-    assert sorted(int(p.name[5:]) for p in out.glob("step_*")) == [32, 36, 40]
+    assert resumed_from in {3, 4, 6, 8, 9, 12, 15} and resumed_from <= killed
+    # keep_last_n_checkpoints=2: only the newest two folders stay
+    assert sorted(int(p.name[5:]) for p in out.glob("step_*")) == [15, 16]
 
 
-def test_killed_inside_a_save_resumes_from_the_previous_checkpoint(workdir):
-    """SIGKILL when step 8's checkpoint is written whole but not yet renamed into place."""
-    reference = workdir / "full"
-    if not (reference / "logs").is_dir():
-        tune_run(
-            ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, reference, **FULL),
-            workdir,
-        )
+def test_killed_inside_a_save_resumes_from_the_previous_checkpoint(workdir, reference):
+    """SIGKILL when step 6's checkpoint (mid-epoch) is written whole but not yet renamed."""
     out = workdir / "killed_in_save"
-    args = ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, **FULL)
+    args = full_args(workdir, out, **RESUME)
     script = (
         "import os, runpy, signal, sys\n"
         "real = os.replace\n"
         "def replace(src, dst):\n"
-        "    if str(src).endswith('.step_8.tmp'):\n"
+        "    if str(src).endswith('.step_6.tmp'):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    real(src, dst)\n"
         "os.replace = replace\n"
@@ -235,37 +238,42 @@ def test_killed_inside_a_save_resumes_from_the_previous_checkpoint(workdir):
         [sys.executable, "-c", script], cwd=workdir, env=tune_env(), capture_output=True
     )
     assert r.returncode == -signal.SIGKILL
-    assert (out / ".step_8.tmp" / "recipe_state.json").is_file() and not (out / "step_8").exists()
+    assert (out / ".step_6.tmp" / "recipe_state.json").is_file() and not (out / "step_6").exists()
     resumed_from, _ = resumed_equals_uninterrupted(reference, out, args, workdir)
-    assert resumed_from == 4 and not (out / ".step_8.tmp").exists()
+    assert resumed_from == 4 and not (out / ".step_6.tmp").exists()
 
 
-def test_a_finished_run_trains_nothing_and_a_changed_config_is_refused(workdir):
-    out = workdir / "finished"
-    args = ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, epochs=1)
-    tune_run(args, workdir)
-    steps = losses_from_log(out)
-    r = tune_run(args + ["resume_from_checkpoint=True"], workdir)
-    assert "already finished" in r.stderr and losses_from_log(out) == steps
-    bad = subprocess.run(
-        tune_cmd(args + ["resume_from_checkpoint=True", "epochs=2", "batch_size=4"]),
-        cwd=workdir,
-        env=tune_env(),
-        capture_output=True,
-        text=True,
+def test_a_finished_run_trains_nothing_and_a_changed_config_is_refused(workdir, reference):
+    import shutil
+
+    cfg = load_cfg(
+        "tiny_full", full_args(workdir, reference, **RESUME, resume_from_checkpoint=True)[3:]
     )
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
-    assert "trained with batch_size=2 and the config says 4" in bad.stderr
-    # a checkpoint whose state file is missing (a half-copied folder) is skipped
-    (last_step_dir(out) / "recipe_state.json").unlink()
-    r = subprocess.run(
-        tune_cmd(args + ["resume_from_checkpoint=True"]),
-        cwd=workdir,
-        env=tune_env(),
-        capture_output=True,
-        text=True,
+    recipe = _recipe(cfg)
+    assert recipe.finished and recipe.global_step == 16
+    recipe.train()
+    assert recipe.loss_history == []  # nothing trained
+    changed = load_cfg(
+        "tiny_full",
+        full_args(
+            workdir,
+            reference,
+            **{**RESUME, "batch_size": 4, "epochs": 5},
+            resume_from_checkpoint=True,
+        )[3:],
     )
-    assert r.returncode == 1 and "is incomplete" in r.stderr and "no complete step_N" in r.stderr
+    with pytest.raises(UserError, match="trained with batch_size=2 and the config says 4"):
+        _recipe(changed)
+    # a checkpoint whose state file is missing (a half-copied folder) is skipped: the one before
+    copy = workdir / "half_copied"
+    shutil.copytree(reference, copy)
+    (copy / "step_16" / "recipe_state.json").unlink()
+    cfg = load_cfg(
+        "tiny_full",
+        full_args(workdir, copy, **{**RESUME, "epochs": 5}, resume_from_checkpoint=True)[3:],
+    )
+    recipe = _recipe(cfg)
+    assert recipe.global_step == 15 and not recipe.finished
 
 
 def test_a_typo_in_an_override_stops_the_run_naming_the_key(workdir):
