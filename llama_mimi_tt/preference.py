@@ -153,6 +153,17 @@ def preference_dataset(tokenizer, source: str, codec=None) -> PreferenceDataset:
 
 
 # ---- making pairs -------------------------------------------------------------------------------
+class SemanticDiversity:
+    """A score of the codes alone (``scoring.codes``): the share of distinct level-0 (semantic)
+    codes in a continuation. Speech LMs fall into loops that repeat a few semantic units; this
+    prefers continuations that do not. A heuristic for runs without a judge, not a measure of
+    quality."""
+
+    def __call__(self, codes: torch.Tensor) -> float:
+        semantic = torch.as_tensor(codes)[0]
+        return semantic.unique().numel() / max(semantic.numel(), 1)
+
+
 def combined_scores(
     judgements: Sequence[Mapping[str, Any]],
     codes: Sequence[torch.Tensor],

@@ -27,6 +27,8 @@ Every bad input is a 4xx answer ``{"error": "..."}``; no client-given path is ev
 
 import asyncio
 import base64
+import ctypes
+import ctypes.util
 import hmac
 import io
 import ipaddress
@@ -73,6 +75,24 @@ def wav_bytes(wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> by
     buf = io.BytesIO()
     sf.write(buf, wave, sample_rate, subtype=subtype, format="WAV")
     return buf.getvalue()
+
+
+try:  # glibc: malloc_trim returns freed heap pages to the OS
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):
+    _LIBC = None
+
+
+def release_free_memory() -> None:
+    """Hands the heap memory freed by a batch back to the OS (glibc's ``malloc_trim``).
+
+    Batches of every size and prompt length leave the allocator's free lists fragmented, so the
+    server's resident memory creeps up with traffic although nothing is kept: measured in
+    process, 400 requests of one shape grew RSS by 10 MB, and a mix of shapes by ~0.4 MB per
+    request until trimmed. A no-op where the C library has no ``malloc_trim``."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 class ApiError(Exception):
@@ -257,6 +277,7 @@ class ContinuationBatcher:
             self.batch_seconds = time.perf_counter() - t0
             self.served += len(batch)
             self.batches += 1
+            release_free_memory()
 
     # -- one batch
     def _generate(self, batch: List[Job]) -> None:

@@ -157,6 +157,7 @@ def test_pairs_from_the_bundled_clips_with_a_local_judge_then_dpo(trained, tmp_p
             "llama_mimi_pairs", "--config", "tiny_pairs", f"output_dir={out}",
             f"model_dir={sft}", f"prompts={CLIPS}", "num_samples=4", "prompt_seconds=1.0",
             "max_new_seconds=0.8", "min_margin=1.0",
+            "scoring.weights.judge=1.0", "scoring.weights.codes=0.0",
             "scoring.asr._component_=tests.test_dpo.FakeASR",
             "scoring.judge._component_=llama_mimi_tt.judge.ChatJudge",
             f"scoring.judge.base_url={judge.base_url}", "scoring.judge.model=fake-judge",
@@ -197,6 +198,14 @@ def test_pairs_from_the_bundled_clips_with_a_local_judge_then_dpo(trained, tmp_p
                             "checkpoint_dir": str(final), "num_quantizers": 4,
                             "text_vocab_size": 512}  # fmt: skip
     assert load_model(gen_cfg, torch.device("cpu"), torch.float32) is not None
+
+
+def test_semantic_diversity_scores_loops_low():
+    from llama_mimi_tt.preference import SemanticDiversity
+
+    loop = torch.tensor([[5, 6, 5, 6, 5, 6, 5, 6]] * 4)
+    varied = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 7]] * 4)
+    assert SemanticDiversity()(loop) == 0.25 and SemanticDiversity()(varied) == 7 / 8
 
 
 def test_bad_pairs_and_settings_are_clear_errors(trained, tmp_path):
