@@ -211,7 +211,8 @@ def run(quick: bool = False, new_tokens=None, repeats=None, greedy_tokens=None) 
 def _rows(rows_q, peer, peer_bytes, bandwidth, bw, new_tokens, repeats, greedy, threads, load):
     common = (
         f"CPU, {threads} thread(s), {os.cpu_count()} cores, load average "
-        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at start (the machine was shared); "
+        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at start"
+        f"{' (the machine was shared)' if load[0] > 1.0 else ''}; "
         f"{new_tokens} new tokens after a 102-token prompt, best of {repeats}; tokens/s and "
         "ratios are decode steps (prefill apart; transformers: a 1-token call subtracted); "
         f"bandwidth {bandwidth / 1e9:.1f} GB/s (best of probes {min(bw) / 1e9:.1f}-"
