@@ -87,6 +87,7 @@ import torch
 
 from llama_mimi_tt.audio import load_audio, prepare_waveform
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
+from llama_mimi_tt.vocab import MIMI_CODEBOOK_SIZE
 
 CACHE_FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -94,7 +95,6 @@ MANIFEST_FILE = "cache.json"
 SKIPPED_FILE = "skipped.jsonl"
 SHARD_METADATA_KEY = b"llama_mimi_tt"
 CLAIM_SUFFIX = ".claim"
-MIMI_CODEBOOK_SIZE = 2048
 
 AUDIO_EXTENSIONS = frozenset(
     "wav wave flac ogg oga opus mp3 aiff aif aifc au snd caf w64 rf64 sph nist voc".split()

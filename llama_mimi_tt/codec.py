@@ -35,12 +35,12 @@ from safetensors.torch import load_file, save_file
 
 from llama_mimi_tt.audio import load_audio, prepare_waveform, synthetic_audio
 from llama_mimi_tt.errors import MissingFileError, UserError
+from llama_mimi_tt.vocab import MAX_QUANTIZERS
 
 __all__ = ["MimiCodec", "MimiStreamingDecoder", "num_frames", "MIMI_NAME", "MIMI_REPO"]
 
 MIMI_NAME = loaders.MIMI_NAME  # tokenizer-e351c8d8-checkpoint125.safetensors
 MIMI_REPO = loaders.DEFAULT_REPO  # kyutai/moshiko-pytorch-bf16
-MAX_QUANTIZERS = 32  # levels in Mimi's RVQ (1 semantic + 31 acoustic)
 
 _GET_WEIGHTS = (
     f"Get Mimi's weights with `huggingface-cli download {MIMI_REPO} {MIMI_NAME}` "
@@ -488,7 +488,7 @@ def _download(hub_id: str) -> Path:
             return paths[0]
         except Exception as e:  # offline, missing repo or file
             errors.append(f"{'+'.join(filenames)}: {type(e).__name__}: {e}")
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"Mimi weights: {hub_id!r} is not a local path and could not be fetched from the "
         f"Hugging Face hub ({'; '.join(errors)}). {_GET_WEIGHTS}"
     )

@@ -690,7 +690,7 @@ def audio_token_dataset(
         if codec is None:
             p = Path(str(source)).expanduser()
             if not p.exists():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"code cache {p} does not exist. Build it with `tune run llama_mimi_tokenize "
                     f"--config tokenize source=<audio> output_dir={p}` (or give raw audio and a "
                     "codec to encode in memory)."

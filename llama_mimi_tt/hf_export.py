@@ -17,6 +17,7 @@ from typing import Dict, Optional, Tuple
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from llama_mimi_tt.errors import MissingFileError
 from llama_mimi_tt.tokenizer import (
     BOS,
     BUILTIN_BYTE_TOKENIZER,
@@ -118,7 +119,7 @@ def find_text_tokenizer(path: str) -> Path:
     for name in ("tokenizer.json", *TIKTOKEN_FILES):
         if (p / name).is_file():
             return p / name
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no tokenizer in {p}: expected tokenizer.json or original/tokenizer.model (both come "
         "with the Llama 3 checkpoints on the Hugging Face hub; download the whole repository, "
         "e.g. `tune download meta-llama/Llama-3.2-1B --output-dir ...`)"

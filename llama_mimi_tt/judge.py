@@ -61,6 +61,8 @@ import torch
 from torchtune import utils
 from tqdm import tqdm
 
+from llama_mimi_tt.errors import MissingFileError
+
 log = utils.get_logger("INFO")
 
 __all__ = [
@@ -426,7 +428,7 @@ class WhisperASR:
             ) from e
         path = Path(os.path.expanduser(model))
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Whisper checkpoint {path} not found: give the path of a local .pt file (whisper "
                 "saves them under ~/.cache/whisper when it downloads one)"
             )
@@ -459,7 +461,7 @@ class TransformersASR:
             raise ImportError("asr.kind=transformers needs `pip install transformers`") from e
         path = Path(os.path.expanduser(model))
         if not path.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"ASR model directory {path} not found: give a local directory saved with "
                 "save_pretrained (config.json, weights, processor files)"
             )
@@ -505,7 +507,7 @@ class SpeakerEmbedder:
             raise ImportError("speaker similarity needs `pip install transformers`") from e
         path = Path(os.path.expanduser(model))
         if not path.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"speaker model directory {path} not found: give a local directory with an "
                 "audio x-vector model (e.g. microsoft/wavlm-base-plus-sv saved with save_pretrained)"
             )

@@ -18,6 +18,7 @@ import torch
 from torchtune.models.llama3 import Llama3Tokenizer
 from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
 
+from llama_mimi_tt.errors import MissingFileError
 from llama_mimi_tt.vocab import MimiVocab
 
 BUILTIN_BYTE_TOKENIZER = "builtin:byte"
@@ -118,12 +119,12 @@ class LlamaMimiTokenizer:
             for name in ("original/tokenizer.model", "tokenizer.model", "tokenizer.json"):
                 if (p / name).is_file():
                     return p / name
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no tokenizer in {p}: expected original/tokenizer.model, tokenizer.model or "
                 "tokenizer.json (they come with the Llama 3 checkpoint on the Hugging Face hub)"
             )
         if not p.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"tokenizer file {p} does not exist. Give Meta's tokenizer.model, a "
                 "tokenizer.json, the checkpoint directory, or builtin:byte for the tiny demo."
             )
@@ -135,7 +136,7 @@ class LlamaMimiTokenizer:
         cfg = d / "tokenizer_config.json"
         gen = d / "generation_config.json"
         if not cfg.is_file() and not gen.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{file} needs tokenizer_config.json or generation_config.json beside it "
                 "(to know the BOS and EOS tokens)"
             )
