@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 from torchtune import utils
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE_INDEX
 
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
 
@@ -29,7 +30,6 @@ log = utils.get_logger("INFO")
 
 PAIRS_FILE = "pairs.jsonl"
 ROLES = ("prompt", "chosen", "rejected")
-IGNORE_INDEX = -100
 
 
 # ---- the pairs file -----------------------------------------------------------------------------

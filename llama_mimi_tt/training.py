@@ -14,14 +14,14 @@ from omegaconf import DictConfig
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, training, utils
-from torchtune.data import padded_collate_packed
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_packed
 
 from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.loss import LlamaMimiLoss
 from llama_mimi_tt.recipe_config import component
 from llama_mimi_tt.tokenizer import LlamaMimiTokenizer
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = CROSS_ENTROPY_IGNORE_IDX  # torchtune's: its collators pad labels with it
 
 
 def check_audio_setup(model, tokenizer, loss_fn) -> None:

@@ -46,9 +46,9 @@ def check_settings(cfg: DictConfig) -> dict:
         raise UserError(
             f"scoring.weights {weights}: give a weight to at least one of judge, speaker, codes"
         )
-    for name, part in (("judge", "judge"), ("speaker", "speaker"), ("codes", "codes")):
-        if weights.get(name) and not cfg.scoring.get(part):
-            raise UserError(f"scoring.weights.{name} is set but scoring.{part} is null")
+    for name in ("judge", "speaker", "codes"):
+        if weights.get(name) and not cfg.scoring.get(name):
+            raise UserError(f"scoring.weights.{name} is set but scoring.{name} is null")
     if weights.get("judge") and not cfg.scoring.get("asr"):
         raise UserError("the LLM judge scores transcripts: set scoring.asr as well")
     return weights
