@@ -26,6 +26,7 @@ precision built from the fp32 state dict in bf16).
 
 import argparse
 import gc
+import json
 import os
 import sys
 import time
@@ -33,12 +34,13 @@ from pathlib import Path
 
 import torch
 from torchtune import training
+from torchtune.models.llama3_2 import llama3_2
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_generate import REFERENCE, _hf_copy, _prompt, _time_hf, cpu_threads  # noqa: E402
+from bench_generate import REFERENCE, _hf_copy, _prompt, _sync, _time_hf, cpu_threads  # noqa: E402
 
 from llama_mimi_tt.generation import LevelHeads, SamplingParams, generate  # noqa: E402
 from llama_mimi_tt.models import SHAPES, llama_mimi_1b  # noqa: E402
@@ -56,26 +58,33 @@ PRECISIONS = ["none", "bf16", "int8", "int4"]
 GOAL_TOKENS_PER_S = {"bf16": 7.0, "int4": 25.0}
 GOAL_VS_HF_BF16 = {"bf16": 1.2, "int4": 3.0}
 SECTION = "## Quantized decoding at the Llama-Mimi-1.3B shape (bench_quantize.py)"
+GPU_SECTION = (
+    "## Quantized decoding on a GPU, Llama-Mimi-1.3B shape (bench_quantize.py --device cuda)"
+)
+REAL_TIME_TOKENS_PER_S = 12.5 * Q  # Mimi frames per second x levels
 
 
-def bandwidth_probe(nbytes=512 * 2**20, repeats=5) -> float:
-    """Best bytes/s of a large copy (read + write counted) and of a read-only sum."""
-    src = torch.ones(nbytes // 4)
+def bandwidth_probe(device, nbytes=1024 * 2**20, repeats=5) -> dict:
+    """Best bytes/s of a large copy (read + write counted) and of a read-only sum, each over
+    ``nbytes`` (far beyond any cache). The goals use the copy figure."""
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    best = 0.0
+    best = dict(copy=0.0, read=0.0)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = max(best, 2 * nbytes / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        src.sum()
-        best = max(best, nbytes / (time.perf_counter() - t0))
+        for kind, work, moved in (("copy", lambda: dst.copy_(src), 2), ("read", src.sum, 1)):
+            _sync(device)
+            t0 = time.perf_counter()
+            work()
+            _sync(device)
+            best[kind] = max(best[kind], moved * nbytes / (time.perf_counter() - t0))
     return best
 
 
-def build_fp32(vocab, max_seq_len=512):
+def build_fp32(device, num_layers=None, max_seq_len=512):
+    """The 1.3B shape (``num_layers`` of its 16 layers for a smoke run), random N(0, 0.02)."""
     torch.manual_seed(0)
-    model = llama_mimi_1b(num_quantizers=Q, max_seq_len=max_seq_len).eval()
+    with device:
+        model = _builder(num_layers, max_seq_len)().eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -83,18 +92,29 @@ def build_fp32(vocab, max_seq_len=512):
     return model
 
 
-def build_precision(fp32_model, precision, vocab):
+def _builder(num_layers, max_seq_len):
+    if num_layers is None:
+        return lambda: llama_mimi_1b(num_quantizers=Q, max_seq_len=max_seq_len)
+    vocab_size = MimiVocab(num_quantizers=Q).size
+    shape = dict(SHAPE, num_layers=num_layers)
+    return lambda: llama3_2(
+        vocab_size=vocab_size, max_seq_len=max_seq_len, rope_base=500_000, scale_factor=32,
+        tie_word_embeddings=True, **shape,
+    )  # fmt: skip
+
+
+def build_precision(fp32_model, precision, device, num_layers=None):
     """A bf16 copy of the fp32 model (never a second fp32 copy), then ``quantize_model``."""
     if precision == "none":
         return fp32_model
     with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
-        model = llama_mimi_1b(num_quantizers=Q, max_seq_len=fp32_model.max_seq_len)
-    model.to_empty(device="cpu")
+        model = _builder(num_layers, fp32_model.max_seq_len)()
+    model.to_empty(device=device)
     model.load_state_dict(fp32_model.state_dict())  # copies into the bf16 parameters
     for m in model.modules():  # buffers (the RoPE cache) were made on meta: compute them
         if hasattr(m, "rope_init"):
             m.rope_init()
-    return quantize_model(model.eval(), parse_quantize(precision), torch.device("cpu"))
+    return quantize_model(model.eval(), parse_quantize(precision), device)
 
 
 def decode_bytes(model, vocab) -> int:
@@ -110,11 +130,16 @@ def decode_bytes(model, vocab) -> int:
     )
 
 
-def time_ours(model, prompt, vocab, new_tokens, params=REFERENCE):
+def time_ours(model, prompt, vocab, new_tokens, params=REFERENCE, compile_mode=False):
+    """``(seconds, output)`` of one ``generate`` call; ``compile_mode`` False: eager, else the
+    ``torch.compile`` mode (None: inductor's default)."""
+    _sync(prompt.device)
     t0 = time.perf_counter()
     out = generate(
-        model, prompt, vocab, new_tokens // Q, semantic=params, acoustic=params, stop_at_end=False
-    )
+        model, prompt, vocab, new_tokens // Q, semantic=params, acoustic=params,
+        stop_at_end=False, compile=compile_mode is not False,
+        compile_mode=compile_mode or None,
+    )  # fmt: skip
     return time.perf_counter() - t0, out
 
 
@@ -137,7 +162,29 @@ def quality(logits, ref_logits, greedy, ref_greedy) -> dict:
     )
 
 
-def run(quick: bool = False, new_tokens=None, repeats=None, greedy_tokens=None) -> list:
+def _timed_rows(runs, new_tokens) -> dict:
+    return dict(
+        s=min(t for t, _ in runs),
+        s_token=min(o.decode_s / (new_tokens - 1) for _, o in runs),
+        prefill_s=min(o.prefill_s for _, o in runs),
+    )
+
+
+def run(
+    quick: bool = False,
+    new_tokens=None,
+    repeats=None,
+    greedy_tokens=None,
+    device: str = "cpu",
+    num_layers=None,
+    compile_modes=(),
+    budget_s: float = float("inf"),
+    precisions=PRECISIONS,
+) -> list:
+    """Every precision, eager (and compiled with each of ``compile_modes``), against
+    transformers in fp32 and bf16. Compiled runs are skipped once ``budget_s`` has passed."""
+    started = time.monotonic()
+    device = torch.device(device)
     load = os.getloadavg()
     threads = cpu_threads()
     torch.set_num_threads(threads)
@@ -146,17 +193,19 @@ def run(quick: bool = False, new_tokens=None, repeats=None, greedy_tokens=None) 
     new_tokens = new_tokens or defaults[0]
     repeats = repeats or defaults[1]
     greedy_tokens = greedy_tokens or defaults[2]
-    prompt = _prompt(vocab, frames=25)  # 102 tokens, 2 s of audio
-    seq = _prompt(vocab, frames=50, seed=1)[:, :200]  # the fixed 200-token quality sequence
-    bw = [bandwidth_probe()]
+    prompt = _prompt(vocab, frames=25).to(device)  # 102 tokens, 2 s of audio
+    seq = _prompt(vocab, frames=50, seed=1)[:, :200].to(device)  # the fixed quality sequence
+    bw = [bandwidth_probe(device)]
 
-    fp32 = build_fp32(vocab)
+    fp32 = build_fp32(device, num_layers)
     ref_logits = logits_of(fp32, seq)
     _, ref_out = time_ours(fp32, prompt, vocab, greedy_tokens, GREEDY)
     ref_greedy = ref_out.generated[0]
 
     # the peers: transformers in fp32, then (converted in place) in bf16
-    hf = _hf_copy(fp32, SHAPE, vocab.size)
+    shape = SHAPE if num_layers is None else dict(SHAPE, num_layers=num_layers)
+    with device:
+        hf = _hf_copy(fp32, shape, vocab.size)
     peer, peer_bytes = {}, {}
     results = {}
     for hf_dtype in ("fp32", "bf16"):
@@ -174,49 +223,86 @@ def run(quick: bool = False, new_tokens=None, repeats=None, greedy_tokens=None) 
         peer[hf_dtype] = dict(s=min(t_full), s_token=(min(t_full) - min(t_one)) / (new_tokens - 1))
         if hf_dtype == "fp32":
             results["none"] = ours_runs
-        bw.append(bandwidth_probe())
+        bw.append(bandwidth_probe(device))
+        print(f"bench_quantize: transformers {hf_dtype}: {1 / peer[hf_dtype]['s_token']:.1f} "
+              "tokens/s", flush=True)  # fmt: skip
     del hf
     gc.collect()
 
     rows_q = {}
-    for precision in PRECISIONS:
-        model = build_precision(fp32, precision, vocab)
-        if precision != "none":
-            time_ours(model, prompt, vocab, 2 * Q)  # warm-up
-            results[precision] = [
-                time_ours(model, prompt, vocab, new_tokens) for _ in range(repeats)
-            ]
-            _, g = time_ours(model, prompt, vocab, greedy_tokens, GREEDY)
-            qual = quality(logits_of(model, seq), ref_logits, g.generated[0], ref_greedy)
-        else:
-            qual = quality(ref_logits, ref_logits, ref_greedy, ref_greedy)
-        runs = results[precision]
+    for precision in precisions:
+        try:
+            model = build_precision(fp32, precision, device, num_layers)
+            if precision != "none":
+                time_ours(model, prompt, vocab, 2 * Q)  # warm-up
+                results[precision] = [
+                    time_ours(model, prompt, vocab, new_tokens) for _ in range(repeats)
+                ]
+                _, g = time_ours(model, prompt, vocab, greedy_tokens, GREEDY)
+                qual = quality(logits_of(model, seq), ref_logits, g.generated[0], ref_greedy)
+            else:
+                qual = quality(ref_logits, ref_logits, ref_greedy, ref_greedy)
+        except Exception as e:  # report the precisions that run; say which did not
+            print(f"bench_quantize: {precision} failed on {device}: {e!r}", flush=True)
+            model = None
+            gc.collect()
+            continue
+        bytes_ = decode_bytes(model, vocab)
         rows_q[precision] = dict(
-            s=min(t for t, _ in runs),
-            s_token=min(o.decode_s / (new_tokens - 1) for _, o in runs),
-            prefill_s=min(o.prefill_s for _, o in runs),
-            bytes=decode_bytes(model, vocab),
-            **qual,
+            **_timed_rows(results[precision], new_tokens), bytes=bytes_, **qual
         )
+        print(f"bench_quantize: ours {precision}: {1 / rows_q[precision]['s_token']:.1f} "
+              "tokens/s", flush=True)  # fmt: skip
+        for mode in compile_modes if precision != "none" else ():
+            if time.monotonic() - started > budget_s:
+                print(f"bench_quantize: {precision} compiled ({mode}) skipped: over the time "
+                      "budget", flush=True)  # fmt: skip
+                continue
+            name = f"{precision}, compiled ({mode or 'default'})"
+            try:
+                torch.compiler.reset()
+                t0 = time.perf_counter()
+                time_ours(model, prompt, vocab, 2 * Q, compile_mode=mode)  # compiles
+                warm = time.perf_counter() - t0
+                runs = [
+                    time_ours(model, prompt, vocab, new_tokens, compile_mode=mode)
+                    for _ in range(repeats)
+                ]
+            except Exception as e:  # report what works; say what did not
+                print(f"bench_quantize: {name} failed: {e!r}", flush=True)
+                continue
+            rows_q[name] = dict(
+                **_timed_rows(runs, new_tokens), bytes=bytes_, **qual, compile_s=warm
+            )
+            print(f"bench_quantize: ours {name}: {1 / rows_q[name]['s_token']:.1f} tokens/s "
+                  f"(first call {warm:.0f} s)", flush=True)  # fmt: skip
         if precision != "none":
             del model
             gc.collect()
-        bw.append(bandwidth_probe())
-    bandwidth = max(bw)
+        bw.append(bandwidth_probe(device))
     return _rows(
-        rows_q, peer, peer_bytes, bandwidth, bw, new_tokens, repeats, greedy_tokens, threads, load
+        rows_q, peer, peer_bytes, bw, new_tokens, repeats, greedy_tokens, threads, load, device
     )
 
 
-def _rows(rows_q, peer, peer_bytes, bandwidth, bw, new_tokens, repeats, greedy, threads, load):
+def _rows(rows_q, peer, peer_bytes, bw, new_tokens, repeats, greedy, threads, load, device):
+    copy = max(b["copy"] for b in bw)
+    read = max(b["read"] for b in bw)
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    else:
+        where = (
+            f"CPU, {threads} thread(s), {os.cpu_count()} cores, load average "
+            f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at start"
+            f"{' (the machine was shared)' if load[0] > 1.0 else ''}"
+        )
     common = (
-        f"CPU, {threads} thread(s), {os.cpu_count()} cores, load average "
-        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at start"
-        f"{' (the machine was shared)' if load[0] > 1.0 else ''}; "
-        f"{new_tokens} new tokens after a 102-token prompt, best of {repeats}; tokens/s and "
-        "ratios are decode steps (prefill apart; transformers: a 1-token call subtracted); "
-        f"bandwidth {bandwidth / 1e9:.1f} GB/s (best of probes {min(bw) / 1e9:.1f}-"
-        f"{max(bw) / 1e9:.1f})"
+        f"{where}; {new_tokens} new tokens after a 102-token prompt, best of {repeats}; "
+        "tokens/s and ratios are decode steps (prefill apart; transformers: a 1-token call "
+        f"subtracted); bandwidth limit = copy bandwidth {copy / 1e9:.1f} GB/s (best of "
+        f"{len(bw)} probes of 1 GiB, read + write counted; a read-only sum reached "
+        f"{read / 1e9:.1f} GB/s) / bytes per token; real time is "
+        f"{REAL_TIME_TOKENS_PER_S:g} tokens/s (12.5 frames/s x Q = {Q})"
     )
     rows = []
     for hf_dtype in ("fp32", "bf16"):
@@ -231,27 +317,29 @@ def _rows(rows_q, peer, peer_bytes, bandwidth, bw, new_tokens, repeats, greedy, 
                 ratio=None,
                 goal="",
                 met=None,
-                notes=f"{1e3 * p['s_token']:.0f} ms per decode step, whole call "
+                notes=f"{1e3 * p['s_token']:.1f} ms per decode step, whole call "
                 f"{new_tokens / p['s']:.2f} tokens/s, "
                 f"{peer_bytes[hf_dtype] / 1e9:.2f} GB read per token, "
-                f"{100 * peer_bytes[hf_dtype] / p['s_token'] / bandwidth:.0f}% of its bandwidth "
-                "limit",
+                f"{100 * peer_bytes[hf_dtype] / p['s_token'] / copy:.0f}% of its bandwidth "
+                f"limit; real-time factor {REAL_TIME_TOKENS_PER_S * p['s_token']:.2f}",
             )
         )
     for precision, r in rows_q.items():
         tps = 1 / r["s_token"]
         vs_bf16 = peer["bf16"]["s_token"] / r["s_token"]
-        share = r["bytes"] / r["s_token"] / bandwidth
+        share = r["bytes"] / r["s_token"] / copy
         goals, met = ["share >= 50%"], [share >= 0.5]
-        if precision in GOAL_TOKENS_PER_S:
-            goals.append(f">= {GOAL_TOKENS_PER_S[precision]:g} tokens/s")
-            met.append(tps >= GOAL_TOKENS_PER_S[precision])
-            goals.append(f">= {GOAL_VS_HF_BF16[precision]:g}x HF bf16")
-            met.append(vs_bf16 >= GOAL_VS_HF_BF16[precision])
-        if precision == "int8":
-            goals.append("faster than bf16")
-            met.append(r["s_token"] < rows_q["bf16"]["s_token"])
+        if device.type == "cpu":  # the issue's speed goals are for the 2-core CPU
+            if precision in GOAL_TOKENS_PER_S:
+                goals.append(f">= {GOAL_TOKENS_PER_S[precision]:g} tokens/s")
+                met.append(tps >= GOAL_TOKENS_PER_S[precision])
+                goals.append(f">= {GOAL_VS_HF_BF16[precision]:g}x HF bf16")
+                met.append(vs_bf16 >= GOAL_VS_HF_BF16[precision])
+            if precision == "int8":
+                goals.append("faster than bf16")
+                met.append("bf16" in rows_q and r["s_token"] < rows_q["bf16"]["s_token"])
         name = "fp32 (none)" if precision == "none" else precision
+        compiled = f"; first (compiling) call {r['compile_s']:.0f} s" if "compile_s" in r else ""
         rows.append(
             dict(
                 benchmark=f"quantize: ours {name}",
@@ -264,9 +352,11 @@ def _rows(rows_q, peer, peer_bytes, bandwidth, bw, new_tokens, repeats, greedy, 
                 met=all(met),
                 notes=f"vs HF fp32 {peer['fp32']['s_token'] / r['s_token']:.2f}x; whole call "
                 f"{new_tokens / r['s']:.2f} tokens/s ({peer['bf16']['s'] / r['s']:.2f}x HF bf16); "
-                f"{1e3 * r['s_token']:.0f} ms per decode step, prefill {r['prefill_s']:.2f} s; "
+                f"{1e3 * r['s_token']:.1f} ms per decode step, prefill {r['prefill_s']:.2f} s"
+                f"{compiled}; real-time factor {REAL_TIME_TOKENS_PER_S * r['s_token']:.2f}; "
                 f"{r['bytes'] / 1e9:.3f} GB per token, {100 * share:.0f}% of its bandwidth limit "
-                f"({bandwidth / r['bytes']:.1f} tokens/s); goals met: "
+                f"({copy / r['bytes']:.1f} tokens/s; {100 * r['bytes'] / r['s_token'] / read:.0f}%"
+                " of the read-only limit); goals met: "
                 + ", ".join(f"{g}: {'yes' if m else 'no'}" for g, m in zip(goals, met))
                 + f"; quality vs fp32: max |logit diff| {r['max_logit_diff']:.3g}, mean KL "
                 f"{r['mean_kl']:.2e}, top-1 {100 * r['top1']:.0f}%, greedy {greedy}-token agreement "
@@ -276,16 +366,19 @@ def _rows(rows_q, peer, peer_bytes, bandwidth, bw, new_tokens, repeats, greedy, 
     rows[0]["notes"] = common + "; " + rows[0]["notes"]
     for r in rows:
         r["setup"] = common
+        r["device"] = device.type
     return rows
 
 
 def markdown(rows) -> str:
     """The section for bench/RESULTS.md: a table per precision, then the notes."""
     head = rows[0]["setup"]
+    cuda = rows[0]["device"] == "cuda"
     lines = [
-        SECTION,
+        GPU_SECTION if cuda else SECTION,
         "",
-        f"Written by `python bench/bench_quantize.py --write`. {head}.",
+        f"Written by `python bench/bench_quantize.py {'--device cuda ' if cuda else ''}--write`. "
+        f"{head}.",
         "",
         "| route | tokens/s | vs HF bf16 | notes |",
         "|---|---|---|---|",
@@ -300,9 +393,10 @@ def markdown(rows) -> str:
 
 def write_section(text: str, path: Path = HERE / "RESULTS.md") -> None:
     """Replaces this benchmark's section of RESULTS.md (or appends it), leaving the rest."""
+    section = text.split("\n", 1)[0]
     old = path.read_text() if path.exists() else ""
-    if SECTION in old:
-        before, rest = old.split(SECTION, 1)
+    if section in old:
+        before, rest = old.split(section, 1)
         after = rest[rest.find("\n## ") :] if "\n## " in rest else ""
         new = before + text + after
     else:
@@ -317,8 +411,29 @@ if __name__ == "__main__":
     parser.add_argument("--new-tokens", type=int, help="timed tokens per call (default 48)")
     parser.add_argument("--repeats", type=int, help="timed calls per route (default 3)")
     parser.add_argument("--greedy-tokens", type=int, help="greedy agreement length (default 128)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--layers", type=int, help="of the 16 layers, build only this many (smoke)")
+    parser.add_argument(
+        "--compile", nargs="*", default=None, metavar="MODE",
+        help="also time compiled decoding in these torch.compile modes ('default', "
+        "'reduce-overhead'); on cuda the default is reduce-overhead",
+    )  # fmt: skip
+    parser.add_argument(
+        "--budget-s", type=float, default=float("inf"), help="skip compiled runs after"
+    )
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--precisions", nargs="+", default=PRECISIONS, choices=PRECISIONS)
     args = parser.parse_args()
-    rows = run(args.quick, args.new_tokens, args.repeats, args.greedy_tokens)
+    modes = args.compile
+    if modes is None:
+        modes = ["reduce-overhead"] if args.device.startswith("cuda") else []
+    modes = [None if m == "default" else m for m in modes]
+    rows = run(
+        args.quick, args.new_tokens, args.repeats, args.greedy_tokens, args.device, args.layers,
+        modes, args.budget_s, args.precisions,
+    )  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     for row in rows:
         print(row)
     text = markdown(rows)

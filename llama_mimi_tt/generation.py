@@ -455,7 +455,8 @@ def generate(
 
     if model.caches_are_setup():
         delete_kv_caches(model)
-    model.setup_caches(bsz, dtype, decoder_max_seq_len=cache_len)
+    with device:  # torchtune makes the cache buffers on the default device
+        model.setup_caches(bsz, dtype, decoder_max_seq_len=cache_len)
     try:
         t0 = time.perf_counter()
         pos = torch.tensor(plen, device=device)  # cache slot of the next token fed

@@ -74,7 +74,8 @@ class QuantSpec:
         if self.precision == "bf16":
             return "bf16 weights and activations"
         if self.precision == "int8":
-            return "int8 (per-row scales, aten _weight_int8pack_mm), bf16 activations"
+            kernel = "torchao" if device is not None and device.type == "cuda" else "aten"
+            return f"int8 (per-row scales, {kernel}), bf16 activations"
         layout = "Int4CPULayout" if device is None or device.type == "cpu" else "tensor-core tiled"
         return f"int4 (group {self.group_size}, torchao {layout}), bf16 activations"
 
@@ -204,7 +205,13 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
     if spec.precision == "none":
         return model
     model.to(device=device, dtype=torch.bfloat16)
-    if spec.precision == "int8":
+    if spec.precision == "int8" and device.type == "cuda":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        # compiled, torchao's int8 fuses the dequantization into the matmul; aten's CUDA
+        # _weight_int8pack_mm ran 10x slower than bf16 (bench/RESULTS.md, H200)
+        quantize_(model.layers, Int8WeightOnlyConfig())
+    elif spec.precision == "int8":
         for name, lin in _layer_linears(model):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
