@@ -1,100 +1,79 @@
 """llama-mimi-tt: Llama-Mimi speech language models as a torchtune plugin.
 
 The small Python API (DESIGN.md, contract 4) and the components YAML configs reference
-(``_component_: llama_mimi_tt.<name>``).
+(``_component_: llama_mimi_tt.<name>``). Names are imported on first use (PEP 562), so
+``import llama_mimi_tt.vocab`` does not pull in the codec, the datasets library or the judges.
 """
 
-from llama_mimi_tt.audio import load_audio, prepare_waveform, save_audio, synthetic_audio
-from llama_mimi_tt.checkpointer import LlamaMimiCheckpointer
-from llama_mimi_tt.code_cache import mimi_codec, open_audio_source
-from llama_mimi_tt.codec import MimiCodec, MimiStreamingDecoder, num_frames
-from llama_mimi_tt.data import (
-    AudioPackedDataset,
-    AudioTokenDataset,
-    AudioTokenIterableDataset,
-    audio_token_dataset,
-)
-from llama_mimi_tt.evaluation import (
-    SUITES,
-    LayoutError,
-    Pair,
-    encode_audio_files,
-    format_table,
-    read_suite,
-    score_pairs,
-    score_sequences,
-    summarize,
-)
-from llama_mimi_tt.generation import GenerationOutput, SamplingParams, generate
-from llama_mimi_tt.judge import ChatJudge, SpeakerEmbedder, build_asr, evaluate_generations, mean_ci
-from llama_mimi_tt.loss import LlamaMimiLoss
-from llama_mimi_tt.models import (
-    llama_mimi_1b,
-    llama_mimi_8b,
-    llama_mimi_tiny,
-    lora_llama_mimi_1b,
-    lora_llama_mimi_8b,
-    lora_llama_mimi_tiny,
-    model_sizes,
-    qlora_llama_mimi_1b,
-    qlora_llama_mimi_8b,
-)
-from llama_mimi_tt.modules import audio_rows_state_dict
-from llama_mimi_tt.preference import PreferenceDataset, preference_dataset
-from llama_mimi_tt.tokenizer import LlamaMimiTokenizer, llama_mimi_tokenizer
-from llama_mimi_tt.vocab import MimiVocab
+import importlib
 
-__all__ = [
+# public name -> the module that owns it
+_OWNERS = {
     # token layout, tokenizer, codec (contract 4)
-    "MimiVocab",
-    "LlamaMimiTokenizer",
-    "llama_mimi_tokenizer",
-    "MimiCodec",
-    "MimiStreamingDecoder",
-    "mimi_codec",
-    "num_frames",
-    "load_audio",
-    "prepare_waveform",
-    "save_audio",
-    "synthetic_audio",
+    "MimiVocab": "vocab",
+    "LlamaMimiTokenizer": "tokenizer",
+    "llama_mimi_tokenizer": "tokenizer",
+    "MimiCodec": "codec",
+    "MimiStreamingDecoder": "codec",
+    "mimi_codec": "code_cache",
+    "num_frames": "codec",
+    "load_audio": "audio",
+    "prepare_waveform": "audio",
+    "save_audio": "audio",
+    "synthetic_audio": "audio",
     # models and checkpoints
-    "llama_mimi_1b",
-    "llama_mimi_8b",
-    "llama_mimi_tiny",
-    "lora_llama_mimi_1b",
-    "lora_llama_mimi_8b",
-    "lora_llama_mimi_tiny",
-    "qlora_llama_mimi_1b",
-    "qlora_llama_mimi_8b",
-    "model_sizes",
-    "audio_rows_state_dict",
-    "LlamaMimiCheckpointer",
+    "llama_mimi_1b": "models",
+    "llama_mimi_8b": "models",
+    "llama_mimi_tiny": "models",
+    "lora_llama_mimi_1b": "models",
+    "lora_llama_mimi_8b": "models",
+    "lora_llama_mimi_tiny": "models",
+    "qlora_llama_mimi_1b": "models",
+    "qlora_llama_mimi_8b": "models",
+    "model_sizes": "models",
+    "audio_rows_state_dict": "modules",
+    "LlamaMimiCheckpointer": "checkpointer",
+    "load_model": "loading",
     # data and training
-    "open_audio_source",
-    "audio_token_dataset",
-    "preference_dataset",
-    "PreferenceDataset",
-    "AudioTokenDataset",
-    "AudioPackedDataset",
-    "AudioTokenIterableDataset",
-    "LlamaMimiLoss",
+    "open_audio_source": "code_cache",
+    "audio_token_dataset": "data",
+    "preference_dataset": "preference",
+    "PreferenceDataset": "preference",
+    "AudioTokenDataset": "data",
+    "AudioPackedDataset": "data",
+    "AudioTokenIterableDataset": "data",
+    "LlamaMimiLoss": "loss",
     # generation
-    "generate",
-    "SamplingParams",
-    "GenerationOutput",
+    "generate": "generation",
+    "SamplingParams": "generation",
+    "GenerationOutput": "generation",
     # evaluation
-    "SUITES",
-    "LayoutError",
-    "Pair",
-    "read_suite",
-    "encode_audio_files",
-    "score_sequences",
-    "score_pairs",
-    "summarize",
-    "format_table",
-    "ChatJudge",
-    "SpeakerEmbedder",
-    "build_asr",
-    "evaluate_generations",
-    "mean_ci",
-]
+    "SUITES": "evaluation",
+    "LayoutError": "evaluation",
+    "Pair": "evaluation",
+    "read_suite": "evaluation",
+    "encode_audio_files": "evaluation",
+    "score_sequences": "evaluation",
+    "score_pairs": "evaluation",
+    "summarize": "evaluation",
+    "format_table": "evaluation",
+    "ChatJudge": "judge",
+    "SpeakerEmbedder": "judge",
+    "build_asr": "judge",
+    "evaluate_generations": "judge",
+    "mean_ci": "judge",
+}
+
+__all__ = list(_OWNERS)
+
+
+def __getattr__(name):
+    if name not in _OWNERS:
+        raise AttributeError(f"module 'llama_mimi_tt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"llama_mimi_tt.{_OWNERS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
