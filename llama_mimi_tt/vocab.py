@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 MIMI_CODEBOOK_SIZE = 2048
+MIMI_FRAME_RATE = 12.5  # frames per second
+MIMI_SAMPLE_RATE = 24000  # Hz
 LLAMA3_TEXT_VOCAB_SIZE = 128256  # 128000 BPE tokens + 256 reserved special tokens
 MAX_QUANTIZERS = 32  # Mimi has 32 levels
 

@@ -38,13 +38,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
+from llama_mimi_tt.benchmarks import SUITES, read_suite
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
 from llama_mimi_tt.evaluation import (
-    SUITES,
     codec_fingerprint,
     encode_audio_files,
     format_table,
-    read_suite,
     score_pairs,
     summarize,
     write_results,

@@ -19,17 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from llama_mimi_tt import llama_mimi_tiny, llama_mimi_tokenizer
-from llama_mimi_tt.evaluation import (
+from llama_mimi_tt.benchmarks import (
     LayoutError,
     Pair,
-    encode_audio_files,
-    format_table,
-    pair_outcome,
     read_salmon,
     read_sblimp,
     read_storycloze,
     read_suite,
     read_swuggy,
+)
+from llama_mimi_tt.evaluation import (
+    encode_audio_files,
+    format_table,
+    pair_outcome,
     score_pairs,
     score_sequences,
     scored_positions,

@@ -122,7 +122,8 @@ def test_eval_scores_close_to_fp32(quantized, tokenizer_and_pairs):
 
 @pytest.fixture(scope="module")
 def tokenizer_and_pairs():
-    from llama_mimi_tt.evaluation import Pair, score_pairs
+    from llama_mimi_tt.benchmarks import Pair
+    from llama_mimi_tt.evaluation import score_pairs
     from llama_mimi_tt.tokenizer import llama_mimi_tokenizer
 
     tokenizer = llama_mimi_tokenizer("builtin:byte", num_quantizers=Q)
