@@ -1,4 +1,4 @@
-"""The Llama-Mimi token layout (DESIGN.md, contract 1).
+"""The Llama-Mimi token layout, and the checks on Mimi codes.
 
 Audio code ``c`` of quantizer level ``q`` gets id ``T + c * Q + q``: the order in which the
 reference adds the strings ``<c_q>`` (c outer, q inner) to the Llama 3 tokenizer, so our ids
@@ -115,15 +115,7 @@ class MimiVocab:
                 f"codes must have shape [..., Q={self.num_quantizers}, frames], got {tuple(t.shape)}"
             )
         t = t.long()
-        if t.numel():
-            lo, hi = torch.aminmax(t)  # one pass; find the position only on failure
-            if lo < 0 or hi >= self.codebook_size:
-                bad = (t < 0) | (t >= self.codebook_size)
-                pos = tuple(int(i) for i in bad.nonzero()[0])
-                raise ValueError(
-                    f"code {int(t[pos])} at index {pos} is outside the codebook range "
-                    f"0..{self.codebook_size - 1}"
-                )
+        check_codes(t, self.codebook_size)
         first_ids = torch.arange(
             self.audio_offset, self.audio_offset + self.num_quantizers, device=t.device
         )
@@ -191,3 +183,30 @@ class MimiVocab:
             audio.append(self.decode(span[: len(span) - len(span) % self.num_quantizers]))
         keep &= (t != self.audio_start_id) & (t != self.audio_end_id)
         return t[keep].tolist(), audio
+
+
+def check_codes(codes, codebook_size: int = MIMI_CODEBOOK_SIZE, where: str = "") -> None:
+    """Raises ValueError, naming ``where``, the first bad code and its index, when a code of
+    ``codes`` (numpy array or torch tensor, any shape) is outside ``0..codebook_size-1``.
+
+    One min/max pass; the position is looked for only on failure."""
+    if isinstance(codes, torch.Tensor):
+        if not codes.numel():
+            return
+        lo, hi = (int(x) for x in torch.aminmax(codes.long()))
+        if 0 <= lo and hi < codebook_size:
+            return
+        first = ((codes < 0) | (codes >= codebook_size)).nonzero()[0]
+    else:
+        codes = np.asarray(codes)
+        if not codes.size:
+            return
+        if 0 <= int(codes.min()) and int(codes.max()) < codebook_size:
+            return
+        first = np.argwhere((codes < 0) | (codes >= codebook_size))[0]
+    pos = tuple(int(i) for i in first)
+    prefix = f"{where}: " if where else ""
+    raise ValueError(
+        f"{prefix}code {int(codes[pos])} at index {pos} is outside the codebook range "
+        f"0..{codebook_size - 1}"
+    )
