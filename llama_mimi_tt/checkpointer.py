@@ -1,11 +1,12 @@
-"""Checkpoints in and out in Hugging Face format (DESIGN.md, contract 3).
+"""Checkpoints in and out in Hugging Face format, the format of the released Llama-Mimi models.
 
 In: a folder is enough: a base Llama 3.x (text vocabulary only; the audio rows are created), a
 released Llama-Mimi, or one of our own checkpoints. The weight files come from
 ``model.safetensors.index.json`` or, without one, the folder's ``model*.safetensors``. Out: what
 transformers loads with no code of ours: safetensors shards with their index, config.json with
 the extended ``vocab_size`` and ``num_quantizers``, and the tokenizer with the audio tokens; for
-a LoRA run also the adapter (PEFT files, and ``adapter_model.pt`` with the trained audio rows).
+a LoRA run also the adapter: ``adapter_model.pt`` (torchtune keys: LoRA and the trained audio
+rows) and PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (LoRA only).
 
 Keys are converted with torchtune's public ``convert_weights`` (``hf_to_tune`` / ``tune_to_hf``).
 """
@@ -38,7 +39,6 @@ log = get_logger("INFO")
 AUDIO_ROWS_SEED = 20250918  # the paper's arXiv date; fixed so every run starts the same
 # torchtune keys of the weights that have one row per token id
 VOCAB_KEYS = ("tok_embeddings.weight", "output.weight")
-AUDIO_ROWS_FNAME = "audio_rows.safetensors"
 INDEX_FNAME = "model.safetensors.index.json"
 ADAPTER_FNAME = "adapter_model"  # .pt (torchtune keys + audio rows), .safetensors (PEFT)
 MAX_SHARD_BYTES = 5 * 2**30
@@ -319,15 +319,10 @@ class LlamaMimiCheckpointer:
         hf = convert_weights.tune_to_hf(model_state_dict, **shape)
         self._save_shards(out, {k: v.contiguous() for k, v in hf.items()})
         if adapter_state_dict:
-            audio = {k: v for k, v in adapter_state_dict.items() if k.endswith(AUDIO_WEIGHT)}
-            lora = {k: v for k, v in adapter_state_dict.items() if k not in audio}
+            # the adapter checkpoint is the one home of the trained audio rows; PEFT's
+            # safetensors take the LoRA weights only (PEFT has no key for the audio rows)
             torch.save(adapter_state_dict, out / f"{ADAPTER_FNAME}.pt")
-            if audio:
-                save_file(
-                    {k: v.contiguous() for k, v in audio.items()},
-                    out / AUDIO_ROWS_FNAME,
-                    metadata={"text_vocab_size": str(self.vocab.text_vocab_size)},
-                )
+            lora = {k: v for k, v in adapter_state_dict.items() if not k.endswith(AUDIO_WEIGHT)}
             if lora:
                 peft = convert_weights.tune_to_peft_adapter_weights(lora, **shape)
                 save_file(
