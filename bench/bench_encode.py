@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_packing import librispeech_like_seconds  # noqa: E402
 
 from llama_mimi_tt.audio import load_audio, synthetic_audio  # noqa: E402
-from llama_mimi_tt.code_cache import encode_items, open_audio_source  # noqa: E402
+from llama_mimi_tt.audio_sources import open_audio_source  # noqa: E402
+from llama_mimi_tt.code_cache import encode_items  # noqa: E402
 from llama_mimi_tt.codec import MimiCodec  # noqa: E402
 
 

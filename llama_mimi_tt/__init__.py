@@ -15,7 +15,7 @@ _OWNERS = {
     "llama_mimi_tokenizer": "tokenizer",
     "MimiCodec": "codec",
     "MimiStreamingDecoder": "codec",
-    "mimi_codec": "code_cache",
+    "mimi_codec": "codec",
     "num_frames": "codec",
     "load_audio": "audio",
     "prepare_waveform": "audio",
@@ -35,7 +35,7 @@ _OWNERS = {
     "LlamaMimiCheckpointer": "checkpointer",
     "load_model": "loading",
     # data and training
-    "open_audio_source": "code_cache",
+    "open_audio_source": "audio_sources",
     "audio_token_dataset": "data",
     "preference_dataset": "preference",
     "PreferenceDataset": "preference",

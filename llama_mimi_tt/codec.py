@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from fractions import Fraction
@@ -37,7 +38,14 @@ from llama_mimi_tt.audio import load_audio, prepare_waveform, synthetic_audio
 from llama_mimi_tt.errors import MissingFileError, UserError
 from llama_mimi_tt.vocab import MAX_QUANTIZERS
 
-__all__ = ["MimiCodec", "MimiStreamingDecoder", "num_frames", "MIMI_NAME", "MIMI_REPO"]
+__all__ = [
+    "MimiCodec",
+    "MimiStreamingDecoder",
+    "mimi_codec",
+    "num_frames",
+    "MIMI_NAME",
+    "MIMI_REPO",
+]
 
 MIMI_NAME = loaders.MIMI_NAME  # tokenizer-e351c8d8-checkpoint125.safetensors
 MIMI_REPO = loaders.DEFAULT_REPO  # kyutai/moshiko-pytorch-bf16
@@ -380,6 +388,44 @@ class MimiStreamingDecoder:
     def reset(self) -> None:
         """Forget the past frames (start a new utterance)."""
         self.codec.model.reset_streaming()
+
+
+def mimi_codec(
+    path: str | None = None,
+    num_quantizers: int = 8,
+    device: str = "cpu",
+    seed: int = 0,
+) -> MimiCodec:
+    """Builder for YAML configs (``_component_: llama_mimi_tt.mimi_codec``).
+
+    Args:
+        path (str | None): Mimi weights in the moshi format
+            (``tokenizer-e351c8d8-checkpoint125.safetensors``) or the Hugging Face format
+            (see ``MimiCodec.from_pretrained``), or ``random`` for ``MimiCodec.random``, an
+            untrained codec with diverse codes for tests and the demo.
+        num_quantizers (int): Mimi levels to keep per frame (a cache made with Q levels serves
+            any later run with Q or fewer).
+        device (str): ``cpu``, ``cuda`` (under torchrun: ``cuda:$LOCAL_RANK``), ``cuda:1`` ...
+        seed (int): seed of the random codec (ignored otherwise).
+
+    Raises:
+        UserError: ``path`` not given.
+        MissingFileError: the weights file does not exist (the message says how to get it).
+    """
+    device = str(device)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if path is None or str(path).strip() == "":
+        raise UserError(
+            f"codec.path is not set: give Mimi's weights ({MIMI_NAME}, from "
+            f"`huggingface-cli download {MIMI_REPO} {MIMI_NAME}`), or codec.path=random for an "
+            "untrained codec (tests and the demo only: its codes mean nothing)"
+        )
+    if str(path) == "random":
+        return MimiCodec.random(num_quantizers=num_quantizers, seed=seed, device=device)
+    return MimiCodec.from_pretrained(
+        os.path.expanduser(str(path)), num_quantizers=num_quantizers, device=device
+    )
 
 
 # ---------------------------------------------------------------------- helpers

@@ -60,14 +60,13 @@ from torchtune.datasets import PackedDataset
 from torchtune.utils import get_logger
 from tqdm import tqdm
 
+from llama_mimi_tt.audio_sources import AUDIO_EXTENSIONS, open_audio_source
 from llama_mimi_tt.code_cache import (
-    AUDIO_EXTENSIONS,
     MANIFEST_FILE,
     PLAN_FILE,
     cache_shard_files,
     corrupt_shard_error,
     encode_items,
-    open_audio_source,
     read_cache_manifest,
     rows_to_table,
 )
@@ -565,7 +564,7 @@ def _build_codec(codec, num_quantizers: int):
     if codec is None or hasattr(codec, "encode_batch"):
         return codec
     if isinstance(codec, (str, os.PathLike)):
-        from llama_mimi_tt.code_cache import mimi_codec
+        from llama_mimi_tt.codec import mimi_codec
 
         return mimi_codec(path=str(codec), num_quantizers=num_quantizers)
     if isinstance(codec, Mapping) and "_component_" in codec:

@@ -359,7 +359,8 @@ def encode_audio_files(
         ``(codes, errors)``: ``{path: int16 codes [Q, F]}`` of every file that could be encoded,
         and ``{path: reason}`` of those that could not (missing, empty, NaN, undecodable).
     """
-    from llama_mimi_tt.code_cache import AudioItem, AudioSource, encode_items
+    from llama_mimi_tt.audio_sources import AudioItem, AudioSource
+    from llama_mimi_tt.code_cache import encode_items
 
     fingerprint = codec_fingerprint(codec)
     cache: Dict[str, torch.Tensor] = {}

@@ -123,7 +123,7 @@ def read_prompts(source: str, max_prompts=None) -> list:
     """Prompts for generation: a folder of audio files, or a ``.jsonl`` / ``.csv`` manifest with
     a ``path`` column (relative to the manifest), optional ``id``, and optional ``continuation``
     (an existing continuation file: generation is then skipped for that row)."""
-    from llama_mimi_tt.code_cache import AUDIO_EXTENSIONS
+    from llama_mimi_tt.audio_sources import AUDIO_EXTENSIONS
 
     p = Path(str(source)).expanduser()
     items = []

@@ -22,7 +22,7 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from llama_mimi_tt.audio import save_audio
-from llama_mimi_tt.code_cache import open_audio_source
+from llama_mimi_tt.audio_sources import open_audio_source
 from llama_mimi_tt.errors import UserError, writing
 from llama_mimi_tt.generation import FRAME_RATE, SamplingParams, generate
 from llama_mimi_tt.judge import evaluate_generations

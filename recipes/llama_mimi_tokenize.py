@@ -9,7 +9,7 @@
     tune run --nproc_per_node 8 llama_mimi_tokenize --config tokenize ... device=cuda
 
 ``source`` is a folder of audio files, a .jsonl/.csv manifest, or a Hugging Face dataset (see
-``llama_mimi_tt.code_cache``). Audio is read, checked, mixed down and resampled to 24 kHz,
+``llama_mimi_tt.audio_sources``). Audio is read, checked, mixed down and resampled to 24 kHz,
 cut by ``max_seconds`` (``long_files``: split or truncate), and encoded in batches of similar
 length. Every ``shard_size`` source items make one parquet shard, written under a temporary
 name and renamed when complete. Run the same command again after an interruption: finished
@@ -33,8 +33,8 @@ from torchtune import config, utils
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from llama_mimi_tt.audio_sources import AUDIO_EXTENSIONS, open_audio_source
 from llama_mimi_tt.code_cache import (
-    AUDIO_EXTENSIONS,
     CACHE_FORMAT_VERSION,
     LONG_FILE_RULES,
     SKIPPED_FILE,
@@ -43,7 +43,6 @@ from llama_mimi_tt.code_cache import (
     distributed_rank_and_world_size,
     encode_items,
     finalize_cache,
-    open_audio_source,
     refresh_claim,
     release_claim,
     remove_stale_temporaries,

@@ -25,11 +25,11 @@ from omegaconf import OmegaConf
 
 from llama_mimi_tt import audio_token_dataset, llama_mimi_tokenizer
 from llama_mimi_tt.audio import synthetic_audio
+from llama_mimi_tt.audio_sources import open_audio_source
 from llama_mimi_tt.code_cache import (
     MANIFEST_FILE,
     cut_long_audio,
     encode_items,
-    open_audio_source,
     shard_name,
 )
 from llama_mimi_tt.codec import MimiCodec

@@ -17,7 +17,8 @@ import torch
 
 from llama_mimi_tt import audio_token_dataset, llama_mimi_tokenizer
 from llama_mimi_tt.audio import load_audio, synthetic_audio
-from llama_mimi_tt.code_cache import MANIFEST_FILE, mimi_codec
+from llama_mimi_tt.code_cache import MANIFEST_FILE
+from llama_mimi_tt.codec import mimi_codec
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).with_name("tune"))
