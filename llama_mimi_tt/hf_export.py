@@ -2,10 +2,10 @@
 
 A released Llama-Mimi checkpoint is a plain ``LlamaForCausalLM`` whose tokenizer has the audio
 tokens ``<c_q>`` (c outer, q inner), then ``<audio>``, ``</audio>``, added after the Llama 3 text
-vocabulary, so that ``AutoTokenizer`` maps them to our ids (DESIGN.md, contracts 1 and 3). This
-module builds those files from the base model's tokenizer: its ``tokenizer.json``, or Meta's
-tiktoken ``tokenizer.model`` converted to a ``tokenizers`` byte-level BPE the way transformers'
-``TikTokenConverter`` does (vocabulary = the ranks, merges recovered from them, the Llama 3
+vocabulary, so that ``AutoTokenizer`` maps them to our ids (the layout of ``MimiVocab``). This
+module builds those files from the base model's tokenizer (the file ``find_text_tokenizer``
+picks): a ``tokenizer.json``, or Meta's tiktoken ``tokenizer.model`` converted to a
+``tokenizers`` byte-level BPE the way transformers' ``TikTokenConverter`` does (vocabulary = the ranks, merges recovered from them, the Llama 3
 pre-tokenizer regex, ``ignore_merges`` so whole pieces in the vocabulary win as in tiktoken).
 Only ``tokenizers`` is needed, not transformers.
 """
@@ -17,14 +17,7 @@ from typing import Dict, Optional, Tuple
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from llama_mimi_tt.errors import MissingFileError
-from llama_mimi_tt.tokenizer import (
-    BOS,
-    BUILTIN_BYTE_TOKENIZER,
-    EOS,
-    byte_tokenizer_path,
-    llama3_special_tokens,
-)
+from llama_mimi_tt.tokenizer import BOS, EOS, find_text_tokenizer, llama3_special_tokens
 from llama_mimi_tt.vocab import MimiVocab
 
 # Llama 3's pre-tokenizer pattern (tiktoken's cl100k), as in Meta's tokenizer and torchtune's
@@ -33,7 +26,6 @@ LLAMA3_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-TIKTOKEN_FILES = ("original/tokenizer.model", "tokenizer.model")
 
 
 def bytes_to_unicode() -> Dict[int, str]:
@@ -105,25 +97,6 @@ def tiktoken_to_hf(path: str) -> Tokenizer:
         ]
     )
     return tok
-
-
-def find_text_tokenizer(path: str) -> Path:
-    """The tokenizer file of a checkpoint directory (``tokenizer.json`` first, then Meta's
-    tiktoken ``original/tokenizer.model`` / ``tokenizer.model``), the file itself, or the
-    built-in byte tokenizer for ``builtin:byte``."""
-    if path == BUILTIN_BYTE_TOKENIZER:
-        return Path(byte_tokenizer_path())
-    p = Path(path)
-    if p.is_file():
-        return p
-    for name in ("tokenizer.json", *TIKTOKEN_FILES):
-        if (p / name).is_file():
-            return p / name
-    raise MissingFileError(
-        f"no tokenizer in {p}: expected tokenizer.json or original/tokenizer.model (both come "
-        "with the Llama 3 checkpoints on the Hugging Face hub; download the whole repository, "
-        "e.g. `tune download meta-llama/Llama-3.2-1B --output-dir ...`)"
-    )
 
 
 def load_text_tokenizer(path: str) -> Tuple[Tokenizer, Dict, Path]:

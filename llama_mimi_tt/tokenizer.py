@@ -2,17 +2,19 @@
 
 Text goes through torchtune's own tokenizers (``Llama3Tokenizer`` for Meta's tiktoken
 ``tokenizer.model``, ``HuggingFaceBaseTokenizer`` for ``tokenizer.json``); audio codes become ids
-by array arithmetic (``MimiVocab``). Sequences are built exactly as the released models were
-trained (DESIGN.md, contract 1):
+by array arithmetic (``MimiVocab``). This class is the one place where sequences are built,
+exactly as the released models were trained (so the ids match their checkpoints):
 
     a2a: <|begin_of_text|> <audio> f1q0 .. f1q(Q-1) f2q0 .. </audio>
     tts: <|begin_of_text|> text tokens <audio> frames .. </audio>
+
+Training data, packing, generation prompts and evaluation all call it.
 """
 
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torchtune.models.llama3 import Llama3Tokenizer
@@ -63,13 +65,44 @@ def _special_tokens_after(num_ranks: int) -> dict:
     return tokens
 
 
+# In a checkpoint directory the first of these that exists is the text tokenizer: a Hugging
+# Face tokenizer.json first (its tokenizer_config.json beside it is what the export keeps; a
+# released Llama-Mimi one already holds the audio tokens, whose layout is then checked).
+TEXT_TOKENIZER_FILES = ("tokenizer.json", "original/tokenizer.model", "tokenizer.model")
+
+
+def find_text_tokenizer(path: str) -> Path:
+    """The text tokenizer file of ``path``: the file itself, the first of ``TEXT_TOKENIZER_FILES``
+    in a checkpoint directory, or the built-in byte tokenizer for ``builtin:byte``. Used by
+    the tokenizer and by the Hugging Face export, so both read the same file."""
+    if path == BUILTIN_BYTE_TOKENIZER:
+        return Path(byte_tokenizer_path())
+    p = Path(path)
+    if p.is_dir():
+        for name in TEXT_TOKENIZER_FILES:
+            if (p / name).is_file():
+                return p / name
+        raise MissingFileError(
+            f"no tokenizer in {p}: expected {', '.join(TEXT_TOKENIZER_FILES[:-1])} or "
+            f"{TEXT_TOKENIZER_FILES[-1]} (they come with the Llama 3 checkpoints on the Hugging Face "
+            "hub; download the whole repository, e.g. `tune download meta-llama/Llama-3.2-1B "
+            "--output-dir ...`)"
+        )
+    if not p.is_file():
+        raise MissingFileError(
+            f"tokenizer file {p} does not exist. Give Meta's tokenizer.model, a "
+            "tokenizer.json, the checkpoint directory, or builtin:byte for the tiny demo."
+        )
+    return p
+
+
 class LlamaMimiTokenizer:
     """Text tokenizer (torchtune) + Mimi audio ids (``MimiVocab``).
 
     Args:
         path (str): Meta's ``tokenizer.model`` (tiktoken), a ``tokenizer.json``, a checkpoint
-            directory holding either (``original/tokenizer.model`` is looked for too), or
-            ``builtin:byte`` for the tiny byte-level tokenizer of the demo and tests.
+            directory holding either (see :func:`find_text_tokenizer`), or ``builtin:byte``
+            for the tiny byte-level tokenizer of the demo and tests.
         num_quantizers (int): Q, Mimi levels per frame.
         text_vocab_size (Optional[int]): T. Derived from the tokenizer file when not given;
             when given it must agree with the file.
@@ -112,23 +145,7 @@ class LlamaMimiTokenizer:
     # ---- loading ------------------------------------------------------------------------
     @staticmethod
     def _find_file(path: str) -> Path:
-        if path == BUILTIN_BYTE_TOKENIZER:
-            return Path(byte_tokenizer_path())
-        p = Path(path)
-        if p.is_dir():
-            for name in ("original/tokenizer.model", "tokenizer.model", "tokenizer.json"):
-                if (p / name).is_file():
-                    return p / name
-            raise MissingFileError(
-                f"no tokenizer in {p}: expected original/tokenizer.model, tokenizer.model or "
-                "tokenizer.json (they come with the Llama 3 checkpoint on the Hugging Face hub)"
-            )
-        if not p.is_file():
-            raise MissingFileError(
-                f"tokenizer file {p} does not exist. Give Meta's tokenizer.model, a "
-                "tokenizer.json, the checkpoint directory, or builtin:byte for the tiny demo."
-            )
-        return p
+        return find_text_tokenizer(path)
 
     @staticmethod
     def _load_hf(file: Path) -> HuggingFaceBaseTokenizer:
@@ -165,11 +182,31 @@ class LlamaMimiTokenizer:
         return self.text.decode(ids)
 
     # ---- sequences ----------------------------------------------------------------------
-    def audio_ids(self, codes) -> torch.Tensor:
-        """``<audio> frames </audio>`` for codes ``[Q, F]``."""
+    def text_ids(self, text: str) -> List[int]:
+        """Ids of a text prompt, without BOS or EOS (what goes between BOS and ``<audio>``)."""
+        return self.encode(text, add_bos=False, add_eos=False)
+
+    def sequence(self, codes, text_ids: Sequence[int] = (), close: bool = True) -> List[int]:
+        """``<bos> text_ids <audio> frames [</audio>]`` for codes ``[Q, F]`` (numpy or torch,
+        Q = num_quantizers; F may be 0). ``close=False`` leaves the audio open (it goes on: a
+        generation prompt, or an utterance continued in the next sample)."""
         v = self.vocab
-        body = v.encode(torch.as_tensor(codes))
-        return torch.cat([torch.tensor([v.audio_start_id]), body, torch.tensor([v.audio_end_id])])
+        ids = [self.bos_id, *text_ids, v.audio_start_id] + v.encode(codes).tolist()
+        if close:
+            ids.append(v.audio_end_id)
+        return ids
+
+    def continuation_header(self) -> List[int]:
+        """``<bos> <audio>``: the head of a sample that continues an utterance cut short."""
+        return self.sequence(torch.zeros(self.vocab.num_quantizers, 0), close=False)
+
+    def prompt_ids(self, codes=None, text: Optional[str] = None) -> torch.Tensor:
+        """A generation prompt ``<bos> [text] <audio> [frames]`` (open audio, never cut), for
+        codes ``[Q', F]`` with Q' >= Q (the first Q levels are used; None: no frames)."""
+        q = self.vocab.num_quantizers
+        codes = torch.zeros(q, 0, dtype=torch.long) if codes is None else torch.as_tensor(codes)
+        text_ids = [] if text is None else self.text_ids(text)
+        return torch.tensor(self.sequence(codes[:q], text_ids, close=False))
 
     def tokenize(self, codes, text: Optional[str] = None) -> Tuple[List[int], int]:
         """The a2a (``text is None``) or tts sequence of one utterance.
@@ -186,13 +223,13 @@ class LlamaMimiTokenizer:
                 f"{self.vocab.num_quantizers}"
             )
         codes = codes[: self.vocab.num_quantizers]
-        head = [self.bos_id]
+        text_ids = []
         if text is not None:
             if not text.strip():
                 raise ValueError("empty text for a tts sequence")
-            head += self.encode(text, add_bos=False, add_eos=False)
-        audio_start = len(head)
-        ids = head + self.audio_ids(codes).tolist()
+            text_ids = self.text_ids(text)
+        audio_start = 1 + len(text_ids)
+        ids = self.sequence(codes, text_ids)
         if self.max_seq_len is not None and len(ids) > self.max_seq_len:
             room = self.max_seq_len - audio_start - 1
             frames = room // self.vocab.num_quantizers
