@@ -55,7 +55,7 @@ def _hf_copy(tt_model, shape, vocab_size):
     """transformers' LlamaForCausalLM with the same weights as the torchtune model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama_mimi_tt.tiny import hf_llama_config, tied_hf_state_dict
+    from scripts.tiny_base import hf_llama_config, tied_hf_state_dict
 
     cfg = hf_llama_config(shape, vocab_size, tie=True)
     cfg.update(bos_token_id=None, eos_token_id=None, pad_token_id=0)
@@ -236,7 +236,7 @@ def run_gpu(quick: bool = False) -> list:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llama_mimi_tt.models import SHAPES, llama_mimi_1b
-    from llama_mimi_tt.tiny import hf_llama_config
+    from scripts.tiny_base import hf_llama_config
 
     device = torch.device("cuda")
     vocab = MimiVocab(num_quantizers=Q)

@@ -25,7 +25,7 @@ from bench_packing import librispeech_like_seconds  # noqa: E402
 
 from llama_mimi_tt.code_cache import write_code_cache  # noqa: E402
 from llama_mimi_tt.recipe_config import resolve_config  # noqa: E402
-from llama_mimi_tt.tiny import write_tiny_base_llama  # noqa: E402
+from scripts.tiny_base import write_tiny_base_llama  # noqa: E402
 
 MAX_SEQ_LEN = 1024
 

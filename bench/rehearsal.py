@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # scripts.tiny_base
 TUNE = str(Path(sys.executable).parent / "tune")
 T = 128256
 COMMON = ["device=cpu", "dtype=bf16", "compile=False"]
@@ -96,7 +97,7 @@ def write_base(out_dir: Path, size: str, num_shards: int = 3, weights: bool = Tr
     from safetensors.torch import save_file
 
     from llama_mimi_tt.models import SHAPES
-    from llama_mimi_tt.tiny import hf_llama_config
+    from scripts.tiny_base import hf_llama_config
 
     s = SHAPES[size]
     tie = size == "1b"

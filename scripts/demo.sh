@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m llama_mimi_tt.demo "$@"
+exec .venv/bin/python scripts/demo.py "$@"

@@ -17,7 +17,7 @@ from llama_mimi_tt.code_cache import write_code_cache
 from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.loading import load_model
 from llama_mimi_tt.recipe_config import RECIPE_CONFIGS, check_argv_inputs, prepare_argv
-from llama_mimi_tt.tiny import write_tiny_base_llama
+from scripts.tiny_base import write_tiny_base_llama
 from tests.test_recipes import learnable_utts, load_cfg, overrides
 
 TUNE = str(Path(sys.executable).parent / "tune")
@@ -174,6 +174,6 @@ def test_tiny_full_before_the_demo_is_one_line_and_writes_nothing(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip() == (
         "llama_mimi_full: error: checkpointer.checkpoint_dir=demo_out/tiny_base: this checkpoint "
-        "folder does not exist: make it first: `python -m llama_mimi_tt.tiny demo_out/tiny_base`"
+        "folder does not exist: make it first: `python scripts/tiny_base.py demo_out/tiny_base`"
     )
     assert not (tmp_path / "demo_out").exists()

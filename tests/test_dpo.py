@@ -16,8 +16,8 @@ from llama_mimi_tt.code_cache import write_code_cache
 from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.generation import SamplingParams
 from llama_mimi_tt.preference import read_pairs, select_pairs, write_pairs
-from llama_mimi_tt.tiny import write_tiny_base_llama
 from llama_mimi_tt.training import validate
+from scripts.tiny_base import write_tiny_base_llama
 from tests.test_judge import ChatServer
 from tests.test_recipes import learnable_utts, load_cfg, overrides
 

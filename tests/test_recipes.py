@@ -21,7 +21,7 @@ from llama_mimi_tt import LlamaMimiCheckpointer, llama_mimi_tiny
 from llama_mimi_tt.code_cache import write_code_cache
 from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.recipe_config import resolve_config
-from llama_mimi_tt.tiny import write_tiny_base_llama
+from scripts.tiny_base import write_tiny_base_llama
 
 TUNE = str(Path(sys.executable).parent / "tune")
 

@@ -1,5 +1,5 @@
-"""The whole journey on a built-in default: ``bash scripts/demo.sh`` (or ``python -m
-llama_mimi_tt.demo``).
+"""The whole journey on a built-in default: ``bash scripts/demo.sh`` (or ``python
+scripts/demo.py``).
 
 1. the bundled clips (demo/) -> Mimi code cache    ``tune run llama_mimi_tokenize``
 2. a tiny Llama-Mimi trained on them               ``tune run llama_mimi_full``
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def _tune() -> str:
@@ -141,7 +142,7 @@ def main(argv=None) -> None:
             extra += ["dtype=bf16" if args.device != "cpu" else "dtype=fp32", "compile=False"]
             extra += ["validation.every_n_steps=10", "batch_size=2", "max_seq_len=256"]
         else:
-            from llama_mimi_tt.tiny import write_tiny_base_llama
+            from scripts.tiny_base import write_tiny_base_llama
 
             base, config = write_tiny_base_llama(out / "tiny_base"), "tiny_full"
             extra = [f"epochs={args.epochs}", f"device={args.device}"]

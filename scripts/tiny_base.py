@@ -1,6 +1,6 @@
 """A random tiny "base Llama 3" checkpoint in Hugging Face format, for the CPU demo.
 
-``python -m llama_mimi_tt.tiny OUT_DIR`` writes what the real journey starts from (config.json,
+``python scripts/tiny_base.py OUT_DIR`` writes what the real journey starts from (config.json,
 model.safetensors, original/tokenizer.model) at the shape of ``llama_mimi_tiny`` with the
 built-in byte tokenizer's 512 text ids, so ``llama_mimi_full`` adds the audio rows to it exactly
 as it does to Llama-3.2-1B. The weights are random (seeded): the demo's model learns only from
