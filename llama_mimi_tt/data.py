@@ -9,7 +9,8 @@ training sequences, for torchtune's recipes.
       task: a2a                              # or tts
       packed: True
 
-Sequences are exactly DESIGN.md's (contract 1)::
+Sequences are built by the tokenizer (``LlamaMimiTokenizer.sequence``), as the released models
+were trained::
 
     a2a: <|begin_of_text|> <audio> f1q0 f1q1 .. f1q(Q-1) f2q0 .. </audio>
     tts: <|begin_of_text|> text tokens <audio> frames .. </audio>
@@ -71,6 +72,7 @@ from llama_mimi_tt.code_cache import (
     rows_to_table,
 )
 from llama_mimi_tt.errors import MissingFileError
+from llama_mimi_tt.vocab import check_codes
 
 log = get_logger("INFO")
 
@@ -100,21 +102,25 @@ def validation_mask(ids: Sequence[str], val_fraction: float) -> np.ndarray:
     )
 
 
-def _select_split(ids: Sequence[str], split: str, val_fraction: float) -> np.ndarray:
+def _check_split(split: str, val_fraction: float) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if split == "all":
-        return np.ones(len(ids), dtype=bool)
     if split == "validation" and val_fraction == 0.0:
         raise ValueError("split='validation' needs val_fraction > 0 (it is 0: no held-out data)")
+
+
+def _select_split(ids: Sequence[str], split: str, val_fraction: float) -> np.ndarray:
+    _check_split(split, val_fraction)
+    if split == "all":
+        return np.ones(len(ids), dtype=bool)
     val = validation_mask(ids, val_fraction)
     return val if split == "validation" else ~val
 
 
 # ---- utterance -> samples -----------------------------------------------------------------
 class SequenceBuilder:
-    """Builds the a2a / tts samples of one utterance (DESIGN.md contract 1), cut on frame
-    boundaries to ``max_seq_len``.
+    """Builds the a2a / tts samples of one utterance with the tokenizer's ``sequence``, cut on
+    frame boundaries to ``max_seq_len``.
 
     Args:
         tokenizer (LlamaMimiTokenizer): gives BOS, the text ids and the audio vocabulary.
@@ -143,7 +149,7 @@ class SequenceBuilder:
             )
 
     def text_ids(self, text: Optional[str]) -> List[int]:
-        return self.tokenizer.encode(text, add_bos=False, add_eos=False) if text else []
+        return self.tokenizer.text_ids(text) if text else []
 
     def plan(self, num_frames: np.ndarray, head_len: np.ndarray):
         """``(first_frames, num_samples)`` per utterance: frames in the first sample and the
@@ -179,43 +185,42 @@ class SequenceBuilder:
         and ``audio_start`` (index of ``<audio>``)."""
         n_frames = codes.shape[-1]
         if chunk == 0:
-            lo, hi, head = 0, first_frames, [self.tokenizer.bos_id] + list(text_ids)
-        else:
+            lo, hi = 0, first_frames
+        else:  # a continuation: audio only, the text belongs to the start
             per = self._continuation_frames
             lo = first_frames + (chunk - 1) * per
             hi = min(n_frames, lo + per)
-            head = [self.tokenizer.bos_id]
+            text_ids = []
         if not 0 <= lo < hi <= n_frames:
             raise IndexError(f"sample {chunk} of an utterance of {n_frames} frames does not exist")
-        body = self.vocab.encode(np.asarray(codes[:, lo:hi], dtype=np.int64))
-        a = len(head)
+        a = 1 + len(text_ids)  # index of <audio>
         closing = hi == n_frames and (
-            self.max_seq_len is None or a + 2 + body.size <= self.max_seq_len
+            self.max_seq_len is None or a + 2 + (hi - lo) * self.q <= self.max_seq_len
         )
-        tokens = head + [self.vocab.audio_start_id] + body.tolist()
-        if closing:
-            tokens.append(self.vocab.audio_end_id)
+        tokens = self.tokenizer.sequence(
+            np.asarray(codes[:, lo:hi], dtype=np.int64), text_ids, close=closing
+        )
         labels = [CROSS_ENTROPY_IGNORE_IDX] * a + tokens[a:]
         return {"tokens": tokens, "labels": labels, "audio_start": a}
 
 
-def _check_codes(codes: np.ndarray, codebook_size: int, where: str) -> None:
-    if codes.size and int(codes.max()) >= codebook_size:
-        level, frame = (int(i) for i in np.argwhere(codes >= codebook_size)[0])
-        raise ValueError(
-            f"{where}: code {int(codes[level, frame])} at [level {level}, frame {frame}] is "
-            f"outside the codebook (0..{codebook_size - 1}); the cache is corrupt or was not "
-            "made by llama_mimi_tokenize. Rebuild it."
-        )
-
-
-def _codes_of(flat: np.ndarray, cache_q: int, num_frames: int, q: int, where: str) -> np.ndarray:
+def _codes_of(
+    flat: np.ndarray, cache_q: int, num_frames: int, q: int, codebook_size: int, where: str
+) -> np.ndarray:
+    """The first ``q`` levels ``[q, F]`` of a cache row's flat codes, checked."""
     if flat.size != cache_q * num_frames:
         raise ValueError(
             f"{where}: {flat.size} codes stored for {num_frames} frames of {cache_q} levels; "
             "the cache is corrupt. Rebuild it."
         )
-    return flat[: q * num_frames].reshape(q, num_frames)
+    codes = flat[: q * num_frames].reshape(q, num_frames)
+    try:
+        check_codes(codes, codebook_size, where)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; the cache is corrupt or was not made by llama_mimi_tokenize. Rebuild it."
+        ) from None
+    return codes
 
 
 # ---- map-style ----------------------------------------------------------------------------
@@ -319,8 +324,7 @@ class AudioTokenDataset(Dataset):
         n_frames = row.column("num_frames")[0].as_py()
         flat = row.column("codes")[0].values.to_numpy(zero_copy_only=False)
         where = f"{self.name}, utterance {uid}"
-        codes = _codes_of(flat, self.cache_q, n_frames, self.q, where)
-        _check_codes(codes, self.codebook_size, where)
+        codes = _codes_of(flat, self.cache_q, n_frames, self.q, self.codebook_size, where)
         text = row.column("text")[0].as_py() if self.builder.task == "tts" and chunk == 0 else None
         return self.builder.sample(codes, self.builder.text_ids(text), chunk, int(self._first[k]))
 
@@ -467,10 +471,7 @@ class AudioTokenIterableDataset(IterableDataset):
         world_size: Optional[int] = None,
         name: str = "dataset",
     ):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if split == "validation" and val_fraction == 0.0:
-            raise ValueError("split='validation' needs val_fraction > 0")
+        _check_split(split, val_fraction)
         if packed and max_seq_len is None:
             raise ValueError("packed=True needs max_seq_len (or tokenizer.max_seq_len)")
         self.files = list(shard_files)
@@ -529,8 +530,14 @@ class AudioTokenIterableDataset(IterableDataset):
                 text_ids = b.text_ids(row["text"])
             n_frames = int(row["num_frames"])
             where = f"{self.name}, utterance {uid}"
-            codes = _codes_of(np.asarray(row["codes"]), self.cache_q, n_frames, self.q, where)
-            _check_codes(codes, self.tokenizer.vocab.codebook_size, where)
+            codes = _codes_of(
+                np.asarray(row["codes"]),
+                self.cache_q,
+                n_frames,
+                self.q,
+                self.tokenizer.vocab.codebook_size,
+                where,
+            )
             first, n = b.plan(np.array([n_frames]), np.array([1 + len(text_ids)]))
             if n[0] == 0:
                 self._skip("text too long for max_seq_len")
@@ -574,6 +581,50 @@ def _build_codec(codec, num_quantizers: int):
         return config.instantiate(OmegaConf.create(dict(codec)))
     raise TypeError(
         f"codec must be a MimiCodec, a weights path or a config with _component_, got {codec!r}"
+    )
+
+
+def _open_cache(tokenizer, source: str):
+    """``(cache_q, shard files)`` of a code cache, its levels checked against the tokenizer."""
+    cache_q = int(read_cache_manifest(source)["num_quantizers"])
+    _check_q(tokenizer, cache_q, str(source))
+    return cache_q, cache_shard_files(source)
+
+
+def _load_cache_rows(source: str, files: List[str], cache_dir: Optional[str]) -> datasets.Dataset:
+    """The shards as one memory-mapped ``datasets.Dataset``; a shard that cannot be read is
+    named in the error."""
+    try:
+        return datasets.load_dataset(
+            "parquet", data_files=files, split="train", cache_dir=cache_dir
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        for f in files:  # name the shard that cannot be read (a footer can be whole)
+            try:
+                pq.read_table(f)
+            except (OSError, ValueError, pa.ArrowException) as bad:
+                problem = "corrupt: " + " ".join(str(bad).split()).rstrip(".")
+                raise corrupt_shard_error(Path(source), Path(f), problem) from e
+        raise
+
+
+def _not_a_cache_error(source: str) -> MissingFileError:
+    """What to do when ``source`` is not a code cache and no codec was given."""
+    p = Path(str(source)).expanduser()
+    if not p.exists():
+        return MissingFileError(
+            f"code cache {p} does not exist. Build it with `tune run llama_mimi_tokenize "
+            f"--config tokenize source=<audio> output_dir={p}` (or give raw audio and a "
+            "codec to encode in memory)."
+        )
+    has_audio = p.is_dir() and any(
+        f.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS for f in p.rglob("*")
+    )
+    build = f"source={p} output_dir=<cache>" if has_audio else f"source=<audio> output_dir={p}"
+    return MissingFileError(
+        f"{p} is not a code cache (no {MANIFEST_FILE}). Build one with `tune run "
+        f"llama_mimi_tokenize --config tokenize {build}`"
+        + (", or set dataset.codec to encode this audio in memory." if has_audio else ".")
     )
 
 
@@ -651,13 +702,9 @@ def audio_token_dataset(
     max_seq_len = max_seq_len if max_seq_len is not None else tokenizer.max_seq_len
     if packed and max_seq_len is None:
         raise ValueError("packed=True needs max_seq_len (or the tokenizer's max_seq_len)")
-    is_cache = _is_code_cache(source)
     name = str(source)
-    if is_cache:
-        info = read_cache_manifest(source)
-        cache_q = int(info["num_quantizers"])
-        _check_q(tokenizer, cache_q, name)
-        files = cache_shard_files(source)
+    if _is_code_cache(source):
+        cache_q, files = _open_cache(tokenizer, source)
         if streaming:
             return AudioTokenIterableDataset(
                 files,
@@ -673,46 +720,17 @@ def audio_token_dataset(
                 seed=seed,
                 name=name,
             )
-        try:
-            rows = datasets.load_dataset(
-                "parquet", data_files=files, split="train", cache_dir=cache_dir
-            )
-        except datasets.exceptions.DatasetGenerationError as e:
-            for f in files:  # name the shard that cannot be read (a footer can be whole)
-                try:
-                    pq.read_table(f)
-                except (OSError, ValueError, pa.ArrowException) as bad:
-                    problem = "corrupt: " + " ".join(str(bad).split()).rstrip(".")
-                    raise corrupt_shard_error(Path(source), Path(f), problem) from e
-            raise
+        rows = _load_cache_rows(source, files, cache_dir)
     else:
         if codec is None:
-            p = Path(str(source)).expanduser()
-            if not p.exists():
-                raise MissingFileError(
-                    f"code cache {p} does not exist. Build it with `tune run llama_mimi_tokenize "
-                    f"--config tokenize source=<audio> output_dir={p}` (or give raw audio and a "
-                    "codec to encode in memory)."
-                )
-            has_audio = p.is_dir() and any(
-                f.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS for f in p.rglob("*")
-            )
-            build = (
-                f"source={p} output_dir=<cache>" if has_audio else f"source=<audio> output_dir={p}"
-            )
-            raise MissingFileError(
-                f"{p} is not a code cache (no {MANIFEST_FILE}). Build one with `tune run "
-                f"llama_mimi_tokenize --config tokenize {build}`"
-                + (", or set dataset.codec to encode this audio in memory." if has_audio else ".")
-            )
+            raise _not_a_cache_error(source)
         if streaming:
             raise ValueError(
                 "streaming=True reads a code cache; build one with llama_mimi_tokenize"
             )
-        codec = _build_codec(codec, tokenizer.vocab.num_quantizers)
         rows, cache_q = _encode_in_memory(
             source,
-            codec,
+            _build_codec(codec, tokenizer.vocab.num_quantizers),
             dict(
                 source_type=source_type,
                 split=source_split,

@@ -186,8 +186,8 @@ class MimiVocab:
 
 
 def check_codes(codes, codebook_size: int = MIMI_CODEBOOK_SIZE, where: str = "") -> None:
-    """Raises ValueError, naming ``where``, the first bad code and its index, when a code of
-    ``codes`` (numpy array or torch tensor, any shape) is outside ``0..codebook_size-1``.
+    """Raises ValueError, naming ``where``, the first bad code and its ``[level, frame]`` (codes
+    ``[..., Q, F]``, numpy array or torch tensor), when a code is outside ``0..codebook_size-1``.
 
     One min/max pass; the position is looked for only on failure."""
     if isinstance(codes, torch.Tensor):
@@ -205,8 +205,11 @@ def check_codes(codes, codebook_size: int = MIMI_CODEBOOK_SIZE, where: str = "")
             return
         first = np.argwhere((codes < 0) | (codes >= codebook_size))[0]
     pos = tuple(int(i) for i in first)
+    at = f"index {pos}"
+    if len(pos) >= 2:  # codes [..., Q, F]
+        at = "[" + "".join(f"{i}, " for i in pos[:-2]) + f"level {pos[-2]}, frame {pos[-1]}]"
     prefix = f"{where}: " if where else ""
     raise ValueError(
-        f"{prefix}code {int(codes[pos])} at index {pos} is outside the codebook range "
+        f"{prefix}code {int(codes[pos])} at {at} is outside the codebook range "
         f"0..{codebook_size - 1}"
     )

@@ -73,7 +73,7 @@ def test_encode_rejects_bad_codes():
     v = MimiVocab(num_quantizers=4)
     codes = torch.zeros(4, 3, dtype=torch.long)
     codes[2, 1] = 2048
-    with pytest.raises(ValueError, match=r"code 2048 at index \(2, 1\) is outside"):
+    with pytest.raises(ValueError, match=r"code 2048 at \[level 2, frame 1\] is outside"):
         v.encode(codes)
     codes[2, 1] = -1
     with pytest.raises(ValueError, match="outside the codebook range"):
