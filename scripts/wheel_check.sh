@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The wheel, installed (not editable) in a new venv and run from another folder, runs the demo's
+# three recipes: tokenize the bundled clips, train the tiny model, generate a continuation.
+#   bash scripts/wheel_check.sh [WORK_DIR]     # ~3 min with pip's cache warm (torch is large)
+# Only the clips and the tiny random base (scripts/tiny_base.py) come from the repository.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=${1:-$(mktemp -d /tmp/llama_mimi_wheel.XXXXXX)}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+mkdir -p "$WORK"
+cd "$WORK"
+echo "[wheel] building the wheel of $REPO"
+rm -rf dist && "$PY" -m pip wheel --no-deps -q -w dist "$REPO"
+wheel=$(ls dist/llama_mimi_tt-*.whl)
+echo "[wheel] $wheel: a new venv in $WORK/venv, pip install (torch is a large download the first time)"
+rm -rf venv && "$PY" -m venv venv
+venv/bin/python -m pip install -q "$wheel" >pip.log 2>&1 || { tail -n 30 pip.log; exit 1; }
+where=$(venv/bin/python -c "import llama_mimi_tt, llama_mimi_full; print(llama_mimi_tt.__file__, llama_mimi_full.__file__)")
+case "$where" in
+  "$WORK"/venv/*) echo "[wheel] imports from the install: $where" ;;
+  *) echo "[wheel] llama_mimi_tt is not imported from the new venv: $where" >&2; exit 1 ;;
+esac
+tune=venv/bin/tune
+set -x
+$tune run llama_mimi_tokenize --config tokenize source="$REPO/demo/manifest.jsonl" \
+  output_dir=codes codec.path=random num_quantizers=4
+venv/bin/python "$REPO/scripts/tiny_base.py" tiny_base
+$tune run llama_mimi_full --config tiny_full cache_dir=codes base_dir=tiny_base output_dir=train epochs=2
+step=$(ls -d train/step_* | sort -t_ -k2 -n | tail -n 1)
+$tune run llama_mimi_generate --config generate model_dir="$step" output_dir=gen \
+  prompt_audio="[$REPO/demo/clips/clip01.flac]" max_seconds=1.0
+set +x
+ls gen/*.wav >/dev/null
+echo "[wheel] ok: the three recipes ran from the installed wheel in $WORK"
