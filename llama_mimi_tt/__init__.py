@@ -1,6 +1,6 @@
 """llama-mimi-tt: Llama-Mimi speech language models as a torchtune plugin.
 
-The small Python API (DESIGN.md, contract 4) and the components YAML configs reference
+The small Python API for notebooks and scripts, and the components YAML configs reference
 (``_component_: llama_mimi_tt.<name>``). Names are imported on first use (PEP 562), so
 ``import llama_mimi_tt.vocab`` does not pull in the codec, the datasets library or the judges.
 """
@@ -9,7 +9,7 @@ import importlib
 
 # public name -> the module that owns it
 _OWNERS = {
-    # token layout, tokenizer, codec (contract 4)
+    # token layout, tokenizer, codec
     "MimiVocab": "vocab",
     "LlamaMimiTokenizer": "tokenizer",
     "llama_mimi_tokenizer": "tokenizer",

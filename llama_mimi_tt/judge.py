@@ -1,46 +1,12 @@
 """Generation quality: LLM-as-a-judge on transcripts, and speaker similarity.
 
-For each (prompt audio, continuation audio) pair:
-
-1. both are transcribed by a pluggable ASR (``build_asr``: openai-whisper from a local checkpoint
-   file, or a transformers ASR pipeline from a local model directory);
-2. a judge model behind any OpenAI-compatible chat endpoint (``ChatJudge``: ``POST
-   {base_url}/chat/completions``) scores the continuation's content on the 1-10 ``RUBRIC``
-   below, from the two transcripts only;
-3. a pluggable speaker-embedding model (``SpeakerEmbedder``: any transformers audio x-vector
-   model, e.g. ``WavLMForXVector``, from a local directory) embeds both, and the cosine
-   similarity of the two embeddings is the speaker similarity.
-
-The rubric, sent verbatim with the two transcripts in every request (``RUBRIC``)::
-
-    Score the CONTINUATION's content on this 1-10 scale:
-    10: a natural, fluent and meaningful continuation that clearly follows from the prompt (same
-    topic, people, situation and tense) and is grammatical throughout.
-    8-9: coherent with the prompt and grammatical, with at most minor slips or slightly generic
-    content.
-    6-7: mostly on topic and understandable, with some grammatical errors or a loose connection to
-    the prompt.
-    4-5: only partly related to the prompt, or with frequent grammatical errors; the meaning is hard
-    to follow in places.
-    2-3: largely unrelated to the prompt or mostly ungrammatical; little coherent meaning.
-    1: empty, gibberish, or no recognisable words or meaning.
-    Judge the content only (coherence with the prompt, grammar, meaning), not audio quality. Both
-    texts are automatic transcripts: ignore punctuation, capitalisation and spelling. The
-    continuation may stop mid-sentence; do not penalise the cut itself.
-
-Results: the mean judge score and the mean similarity, each with a 95% confidence interval from
-Student's t distribution (``mean_ci``: mean +- t(0.975, n-1) * sd / sqrt(n)), and every
-per-sample judgement in ``judgements.jsonl``.
-
-The judge's replies are parsed robustly (``parse_judge_reply``): JSON ``{"score": n, "reason":
-...}`` is asked for, a JSON object inside prose or a code fence is accepted, and otherwise the
-first integer 1..10 after the word "score". Connection errors, timeouts, HTTP 429 and 5xx and
-unparseable replies are retried with exponential backoff; a sample that still fails is counted
-as failed and never as a score. HTTP 401, 403 and 404 stop the run at once (a wrong key, model
-or URL would fail every sample the same way).
-
-Nothing here downloads anything: models come from local paths, and the only network traffic is
-to the judge endpoint you configure.
+For each (prompt, continuation) pair both are transcribed (``build_asr``: whisper or a
+transformers ASR pipeline, local files), a judge behind any OpenAI-compatible chat endpoint
+(``ChatJudge``) scores the continuation's content on the 1-10 ``RUBRIC`` from the two transcripts,
+and a speaker-embedding model (``SpeakerEmbedder``) gives the cosine similarity of the two voices.
+Means come with 95% Student-t intervals (``mean_ci``). Replies are parsed leniently and transient
+HTTP errors retried; a sample that still fails counts as failed, never as a score. Nothing is
+downloaded: the only network traffic goes to the judge endpoint you configure.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Llama-Mimi model builders: an unchanged Llama 3 decoder whose vocabulary is extended by the
-Mimi audio ids (DESIGN.md, contract 1). Referenced from YAML as ``llama_mimi_tt.llama_mimi_1b``
+Mimi audio ids (the released checkpoints' layout, vocab.py). Referenced from YAML as ``llama_mimi_tt.llama_mimi_1b``
 and so on. The LoRA and QLoRA variants live beside these (``lora_llama_mimi_*``,
 ``qlora_llama_mimi_*``): torchtune's own LoRA builders, whose token embedding (and output
 projection) keep the text rows frozen and train the audio rows (``llama_mimi_tt.modules``).

@@ -1,26 +1,11 @@
 """The extended-vocabulary token embedding and output projection of the LoRA / QLoRA models.
 
-Llama-Mimi's audio rows (ids ``T ..``: the ``C * Q`` audio codes, ``<audio>``, ``</audio>`` and
-any padding) are new: in a LoRA run they must be trained, while every text row stays frozen. The
-modules here keep the two parts as separate parameters, ``text_weight`` (frozen) and
-``audio_weight`` (trainable), so that
-
-- the optimizer, its Adam state and weight decay only ever see the audio rows;
-- they are ``AdapterModule`` s: torchtune's ``get_adapter_params`` / ``set_trainable_params``
-  pick the audio rows up with the LoRA weights, with no change to the recipe;
-- their ``state_dict()`` and ``load_state_dict()`` still speak torchtune's plain keys
-  (``tok_embeddings.weight``, ``output.weight``: text rows then audio rows), through state-dict
-  hooks, so torchtune's HF conversion and ``get_merged_lora_ckpt`` work unchanged. The native keys
-  (``tok_embeddings.audio_weight``, ...) are accepted too (an adapter checkpoint holding only the
-  audio rows).
-
-The forward never concatenates the weights: the embedding gathers from both parts and selects,
-the output projection computes the text and audio logits apart and concatenates the logits
-(one copy of a logits chunk; with torchtune's chunked output that is ``1 / num_output_chunks`` of
-the sequence at a time).
-
-Under FSDP2 the parameters are DTensors; the hooks then gather a full tensor when writing the
-plain key and re-shard when reading it, like torchtune's own full-state-dict helpers do.
+The audio rows (ids from T on) are new and must train while the text rows stay frozen, so the
+two parts are separate parameters, ``text_weight`` (frozen) and ``audio_weight`` (trainable), of
+an ``AdapterModule``: torchtune's ``get_adapter_params`` picks the audio rows up with LoRA, and
+the optimizer never sees the text rows. State-dict hooks keep torchtune's plain keys
+(``tok_embeddings.weight``: text rows then audio rows; full tensors under FSDP2), so its HF
+conversion and ``get_merged_lora_ckpt`` work unchanged. The forward never concatenates weights.
 """
 
 import math

@@ -1,39 +1,13 @@
 """Weight precision for inference: ``quantize: none | bf16 | int8 | int4`` (generate, eval, serve).
 
-Batch-1 decoding reads every weight of the decoder once per token, so its speed is set by the
-bytes per weight. At the Llama-Mimi-1.3B shape the 16 decoder layers hold 973M of the weights
-read per token (the embedding gives one row, the per-level output head 2048 rows), so only the
-``nn.Linear`` layers of ``model.layers`` are quantized:
-
-    quantize   layer weights                               activations   bytes / weight
-    none       as loaded (the recipe's ``dtype``)          that dtype    4 (fp32) or 2
-    bf16       bfloat16                                    bf16          2
-    int8       int8, one scale per output row              bf16          1
-    int4       int4, one scale and zero per group of       bf16          0.5 (+ 4 / group)
-               ``quantize_group_size`` input columns (torchao)
-
-The embedding, the norms and the output projection are cast to bf16 and not quantized: per
-token they are one embedding row and one 2048-row head slice (0.4% of the bytes at bf16), and
-the full-vocabulary projection of the likelihood eval is a compute-bound matmul.
-
-Routes (measured on a 2-core AVX-512 CPU at the 1.3B shape, the 16 layers' matmuls at batch 1:
-fp32 200 ms, bf16 98 ms, int8 47 ms, int4 31 ms; see bench/bench_quantize.py):
-
-- int4: torchao's public ``quantize_`` with ``Int4WeightOnlyConfig(version=1)``; on CPU with
-  ``Int4CPULayout`` (the other int4 packings need CUDA or fbgemm-gpu-genai), on CUDA with its
-  default tensor-core layout. Both want bf16 activations (fp32 activations are ~10x slower on
-  CPU).
-- int8: :class:`Int8Linear`, a small module of ours that holds the int8 weight and its scales
-  and calls ``torch.ops.aten._weight_int8pack_mm``, PyTorch's own weight-only int8 matmul (an
-  aten operator with CPU and CUDA kernels, the one gpt-fast uses). torchao 0.15's
-  ``Int8WeightOnlyConfig`` was measured slower than fp32 on CPU: its CPU path dequantizes each
-  weight into a fresh full-size buffer on every call.
-
-Example::
-
-    spec = parse_quantize("int4", group_size=128)
-    model = quantize_model(model, spec, torch.device("cpu"))
-    spec.describe()   # 'int4 (group 128, torchao Int4CPULayout), bf16 activations'
+Batch-1 decoding reads every decoder weight once per token, so on a CPU its speed is set by the
+bytes per weight. Only the ``nn.Linear`` layers of ``model.layers`` (973M of the 1.3B model's
+weights read per token) are quantized; the rest is cast to bf16, as are the activations:
+bf16 2 bytes per weight, int8 1 (a scale per output row), int4 0.5 (+ a scale and zero per group
+of ``quantize_group_size`` columns). int4 is torchao's ``Int4WeightOnlyConfig(version=1)``
+(``Int4CPULayout`` on CPU); int8 is :class:`Int8Linear` (aten's ``_weight_int8pack_mm``) on CPU,
+where torchao's int8 is slower than fp32, and torchao's ``Int8WeightOnlyConfig`` on CUDA. Speed and
+quality per precision, CPU and GPU: bench/bench_quantize.py and bench/RESULTS.md.
 """
 
 import warnings

@@ -1,24 +1,11 @@
-"""``report.html``: an evaluation run (or several side by side) on one static page.
+"""``report.html``: one or more evaluation runs on one static page.
 
-The page is built from what ``tune run llama_mimi_eval`` leaves in its output folder:
-``results.json`` (suite accuracies, generation metrics) and ``judgements.jsonl`` (one row per
-generated continuation: audio files, transcripts, judge score and reason, GenPPL and Auto-BLEU
-of the sample). It shows
+Built from each run's ``results.json`` and ``judgements.jsonl``: suite accuracies with 95%
+Wilson intervals, the generation metrics with their intervals (matplotlib PNGs beside the page),
+and audio players for a sample of prompts with transcripts and judge rationales. Audio is linked
+by relative paths and nothing comes from the network, so the page works opened from disk.
 
-- the likelihood suites' accuracies (ties count 0.5) with 95% Wilson score intervals over the
-  pairs, as a bar plot, chance (50%) marked, and the numbers in a table;
-- the generation metrics (LLM judge, GenPPL, Auto-BLEU, speaker similarity) with their 95%
-  intervals (Student t; for GenPPL the interval of the mean NLL through ``exp``), one panel each;
-- for a sample of prompts, an audio player for the prompt and for each run's continuation, with
-  the transcripts, the judge's score and rationale and the per-sample metrics.
-
-Plots are PNG files made by matplotlib in ``report_files/`` beside the page; audio is referenced
-by relative paths, and nothing is loaded from the network, so the page works opened from disk
-(and keeps working when the folder is copied with the audio it points to).
-
-    from llama_mimi_tt.report import write_report
-    write_report(["eval_out/run_a"], "eval_out/run_a")                   # one run
-    write_report(["eval_out/run_a", "eval_out/run_b"], "eval_out/a_vs_b")  # compare
+    write_report(["eval_out/run_a", "eval_out/run_b"], "eval_out/a_vs_b")
 """
 
 from __future__ import annotations

@@ -1,28 +1,12 @@
 """Listen to it: a page and an HTTP API that stream speech continuations as they are generated.
 
-``tune run llama_mimi_serve --config serve`` builds a :class:`ContinuationBatcher` (the model,
-the Mimi codec and one worker thread) and serves :func:`create_app` with uvicorn:
-
-    GET  /                     the page (llama_mimi_tt/static/index.html: plain HTML/JS)
-    GET  /health               model, limits and queue as JSON
-    POST /v1/continue          body: a prompt audio file; query: seconds, seed, ... -> audio/wav
-                               (16-bit; ``format=float``: 32-bit float, Mimi's exact output)
-    POST /v1/continue/stream   the same -> NDJSON lines: "start", one "audio" line per
-                               generated frame and sample (float32 samples, base64), "done"
-
-How a request is served. The handler reads the upload into a file of the server's own
-temporary folder (size-limited, deleted at once), checks it (audio, not empty, finite, not too
-long) and the parameters, and puts a :class:`Job` in a bounded queue (full: 503 with
-Retry-After). One worker thread owns the model and the codec: it takes the oldest job, waits
-``batch_wait_ms`` for more jobs with the same sampling settings, encodes their prompts, and
-generates all their samples in one batch (:func:`llama_mimi_tt.generation.generate` draws a
-sample's tokens from its own seed, so a request gets the same audio alone or batched). Every
-completed frame of a streaming request goes through Mimi's streaming decoder (batched) and is
-handed to that request's event queue; the worker never waits for a client, so a slow reader
-only delays itself. A non-streaming request gets its samples decoded whole (as the generate
-recipe does) when its batch ends; a streaming one is done as soon as its own frames are.
-
-Every bad input is a 4xx answer ``{"error": "..."}``; no client-given path is ever opened.
+``GET /`` (the page), ``GET /health``, ``POST /v1/continue`` (a prompt audio file -> wav) and
+``POST /v1/continue/stream`` (NDJSON: "start", an "audio" line per generated frame and sample,
+"done"). Handlers check the upload and the parameters and queue a :class:`Job`; one worker thread
+owns the model and the codec and generates the samples of jobs with the same settings in one
+batch (a sample's tokens depend only on its seed, so batching changes nothing). Frames of
+streaming requests go through Mimi's streaming decoder as they complete, and the worker never
+waits for a client. Bad input is a 4xx ``{"error": ...}``; no client-given path is opened.
 """
 
 import asyncio

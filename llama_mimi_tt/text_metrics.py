@@ -1,25 +1,10 @@
-"""Text metrics of generated speech, computed on its ASR transcripts, as SlamKit reports them.
+"""Text metrics of generated speech on its ASR transcripts, as SlamKit reports them.
 
-SlamKit (slp-rl/slamkit, ``slamkit/metric/generative_metric.py``, metric ``asr_perplexity``)
-transcribes each continuation, then reports:
-
-- **GenPPL**: the perplexity of the transcripts under a text LM (its config uses
-  ``meta-llama/Llama-3.2-1B``). Each transcript is tokenized as the LM's tokenizer does by
-  default (BOS prepended for Llama 3), its mean token negative log-likelihood is taken
-  (``calc_nll`` in ``slamkit/utils/calculation_utils.py``: every token after the first,
-  padding masked, divided by the number of tokens), and GenPPL is ``exp`` of the mean of
-  these per-transcript values: ``exp(mean_i mean_t -log p(w_t | w_<t))``. Lower is more
-  fluent text. ``genppl`` below computes exactly that; the 95% interval is the Student-t
-  interval of the mean NLL mapped through ``exp``. A transcript with no token to predict (an
-  empty one) is left out and counted as ``empty`` (SlamKit would divide by zero there).
-- **Auto-BLEU** (``calc_auto_bleu``, ``auto_bleu_n: 2`` in its config): the transcript is split
-  into words by NLTK's ``NLTKWordTokenizer``, its n-grams are listed, and the score is the
-  fraction of n-grams that occur elsewhere in the same transcript (0 when there are no
-  n-grams). It measures self-repetition: 0 never repeats, 1 is a loop. The corpus value is
-  the mean over transcripts.
-
-Both run in-process from local files only: the text LM is a Hugging Face causal-LM folder
-(``config.json``, weights, tokenizer files), loaded with ``local_files_only=True``.
+- GenPPL: ``exp`` of the mean over transcripts of each transcript's mean token NLL under a local
+  Hugging Face causal LM (SlamKit uses Llama-3.2-1B; BOS prepended, every token after the first
+  scored). An empty transcript is left out and counted as ``empty``.
+- Auto-BLEU (n = 2): the share of a transcript's word n-grams (NLTK's word tokenizer) that occur
+  elsewhere in it, averaged over transcripts: 0 never repeats, 1 is a loop.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The package and the recipes use torchtune's public API only: no import of a module or name
 that starts with ``_``, no ``_attribute`` of anything imported from torchtune, no
-``unittest.mock`` and no loading of torchtune's own recipe files (DESIGN.md: our recipe is ours)."""
+``unittest.mock`` and no loading of torchtune's own recipe files (our training recipe is our own)."""
 
 import ast
 from pathlib import Path
