@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_mimi_tt.generation import FRAME_RATE, LevelHeads, SamplingParams, generate  # noqa: E402
-from llama_mimi_tt.vocab import MimiVocab  # noqa: E402
+from llama_mimi_tt.generation import LevelHeads, SamplingParams, generate  # noqa: E402
+from llama_mimi_tt.vocab import MIMI_FRAME_RATE, MimiVocab  # noqa: E402
 
 Q = 4
 CPU_SHAPE = dict(num_layers=12, num_heads=12, num_kv_heads=4, embed_dim=768, intermediate_dim=2048)
@@ -264,7 +264,7 @@ def run_gpu(quick: bool = False) -> list:
         hf = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.bfloat16).eval()
     _time_hf(hf, prompt, 8)
     t_peer = min(_time_hf(hf, prompt, new_tokens) for _ in range(2))
-    audio_s = frames / FRAME_RATE
+    audio_s = frames / MIMI_FRAME_RATE
     rtf, rtf_peer = t_ours / audio_s, t_peer / audio_s
     return [
         {

@@ -38,9 +38,9 @@ from torchtune.modules import TransformerDecoder
 from torchtune.modules.common_utils import delete_kv_caches
 from torchtune.modules.tied_linear import TiedLinear
 
-from llama_mimi_tt.vocab import MimiVocab
+from llama_mimi_tt.vocab import MIMI_FRAME_RATE, MimiVocab
 
-FRAME_RATE = 12.5  # Mimi frames per second
+FRAME_RATE = MIMI_FRAME_RATE  # serve.py's name for it; the value is vocab.py's
 _PAD_ID = 0  # left padding of shorter prompts; masked out, so any valid id works
 _CACHE_BUCKET = 256  # with compile, KV-cache lengths are rounded up to a multiple of this
 
@@ -198,15 +198,17 @@ class LevelHeads:
 def decoder_hidden(
     model: TransformerDecoder,
     tokens: torch.Tensor,
-    input_pos: torch.Tensor,
-    mask: torch.Tensor,
+    input_pos: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    last_only: bool = True,
 ) -> torch.Tensor:
-    """The final-norm hidden state ``[B, D]`` of the last position: the decoder's forward
-    without its output projection (which ``LevelHeads`` replaces)."""
+    """The decoder's forward without its output projection (which ``LevelHeads`` or the
+    scorer's chunked projection replaces): the final-norm hidden state ``[B, D]`` of the last
+    position, or ``[B, S, D]`` of every position with ``last_only=False``."""
     h = model.tok_embeddings(tokens)
     for layer in model.layers:
         h = layer(h, mask=mask, input_pos=input_pos)
-    return model.norm(h[:, -1])
+    return model.norm(h[:, -1] if last_only else h)
 
 
 def decode_step(
@@ -308,7 +310,7 @@ class GenerationOutput:
     @property
     def audio_seconds(self) -> float:
         """Seconds of audio generated over the batch."""
-        return sum(self.num_frames) / FRAME_RATE
+        return sum(self.num_frames) / MIMI_FRAME_RATE
 
     @property
     def tokens_per_s(self) -> float:
@@ -384,7 +386,47 @@ def generate(
         GenerationOutput: ids, frames, stop flags and timings (``tokens_per_s``, ``rtf``).
     """
     plist = _as_prompt_list(prompts)
-    bsz, q_levels, c = len(plist), vocab.num_quantizers, vocab.codebook_size
+    phase, seeds, max_steps = _check_request(model, plist, vocab, max_new_frames, seed)
+    # not .weight: on a LoRA model that property concatenates the text and audio rows
+    emb = next(model.tok_embeddings.parameters())
+    device, dtype = emb.device, emb.dtype
+    if not dtype.is_floating_point:
+        dtype = torch.bfloat16
+    model.eval()
+    heads = LevelHeads(model, vocab)
+    batch = _PaddedBatch.of(plist, max_steps, device, model.max_seq_len, bucket=compile)
+    step_fn = decode_step
+    if compile:
+        step_fn = torch.compile(decode_step, mode=compile_mode, dynamic=False)
+
+    if model.caches_are_setup():
+        delete_kv_caches(model)
+    with device:  # torchtune makes the cache buffers on the default device
+        model.setup_caches(len(plist), dtype, decoder_max_seq_len=batch.cache_len)
+    try:
+        generated, prefill_s, decode_s = _decode_loop(
+            model,
+            step_fn,
+            heads,
+            vocab,
+            batch,
+            seeds,
+            phase=phase,
+            max_steps=max_steps,
+            params=(semantic, acoustic),
+            stop_at_end=stop_at_end,
+            min_new_frames=min_new_frames,
+            check_stop_every=check_stop_every,
+            on_frame=on_frame,
+        )
+    finally:
+        delete_kv_caches(model)
+    return _assemble_output(plist, generated, phase, vocab, prefill_s, decode_s)
+
+
+def _check_request(model, plist: List[torch.Tensor], vocab: MimiVocab, max_new_frames: int, seed):
+    """``(phase, seeds, max_steps)`` of a request, every input checked first."""
+    bsz, q_levels = len(plist), vocab.num_quantizers
     if max_new_frames < 1:
         raise ValueError(f"max_new_frames must be >= 1, got {max_new_frames}")
     if model.tok_embeddings.num_embeddings < vocab.size:
@@ -399,53 +441,79 @@ def generate(
     seeds = [seed + b for b in range(bsz)] if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != bsz:
         raise ValueError(f"{len(seeds)} seeds for {bsz} prompts")
-
-    lengths = [len(p) for p in plist]
+    longest = max(len(p) for p in plist)
     max_steps = max_new_frames * q_levels - phase
-    if max(lengths) + max_steps > model.max_seq_len:
+    if longest + max_steps > model.max_seq_len:
         raise ValueError(
-            f"a prompt of {max(lengths)} tokens plus {max_steps} new tokens "
+            f"a prompt of {longest} tokens plus {max_steps} new tokens "
             f"({max_new_frames} frames) exceeds the model's max_seq_len={model.max_seq_len}: "
             f"shorten the prompt to at most {model.max_seq_len - max_steps} tokens or ask for fewer frames"
         )
+    return phase, seeds, max_steps
 
-    # not .weight: on a LoRA model that property concatenates the text and audio rows
-    emb = next(model.tok_embeddings.parameters())
-    device, dtype = emb.device, emb.dtype
-    if not dtype.is_floating_point:
-        dtype = torch.bfloat16
-    model.eval()
-    heads = LevelHeads(model, vocab)
 
-    # left-pad; positions start at 0 at each prompt's first real token
-    plen = max(lengths)
-    pad = torch.tensor([plen - n for n in lengths], device=device)
-    tokens = torch.full((bsz, plen), _PAD_ID, dtype=torch.long)
-    for b, p in enumerate(plist):
-        tokens[b, plen - len(p) :] = p
-    tokens = tokens.to(device)
-    cache_len = plen + max_steps
-    if compile:  # static shapes: one compiled graph serves every request up to the next bucket
-        cache_len = min(-(-cache_len // _CACHE_BUCKET) * _CACHE_BUCKET, model.max_seq_len)
-    key_pos = torch.arange(cache_len, device=device)
-    key_valid = key_pos[None, :] >= pad[:, None]  # [B, S]: False on padding
-    prefill_mask = (key_pos[None, :plen, None] >= key_pos[None, None, :]) & key_valid[:, None, :]
-    prefill_mask |= torch.eye(plen, cache_len, dtype=torch.bool, device=device)  # no empty rows
-    prefill_pos = (key_pos[None, :plen] - pad[:, None]).clamp(min=0)
+@dataclass
+class _PaddedBatch:
+    """Prompts left-padded to one length, with the masks and positions of the KV cache:
+    positions start at 0 at each prompt's first real token, padding is never attended."""
 
+    tokens: torch.Tensor  # [B, plen]
+    pad: torch.Tensor  # [B] padding tokens before each prompt
+    key_pos: torch.Tensor  # [cache_len]
+    key_valid: torch.Tensor  # [B, cache_len], False on padding
+    prefill_mask: torch.Tensor  # [B, plen, cache_len]
+    prefill_pos: torch.Tensor  # [B, plen]
+    cache_len: int
+
+    @classmethod
+    def of(cls, plist, max_steps: int, device, max_seq_len: int, bucket: bool) -> "_PaddedBatch":
+        """``bucket``: round the cache length up to a multiple of ``_CACHE_BUCKET`` (static
+        shapes: one compiled graph serves every request up to the next bucket)."""
+        lengths = [len(p) for p in plist]
+        plen = max(lengths)
+        pad = torch.tensor([plen - n for n in lengths], device=device)
+        tokens = torch.full((len(plist), plen), _PAD_ID, dtype=torch.long)
+        for b, p in enumerate(plist):
+            tokens[b, plen - len(p) :] = p
+        cache_len = plen + max_steps
+        if bucket:
+            cache_len = min(-(-cache_len // _CACHE_BUCKET) * _CACHE_BUCKET, max_seq_len)
+        key_pos = torch.arange(cache_len, device=device)
+        key_valid = key_pos[None, :] >= pad[:, None]
+        causal = key_pos[None, :plen, None] >= key_pos[None, None, :]
+        prefill_mask = causal & key_valid[:, None, :]
+        prefill_mask |= torch.eye(plen, cache_len, dtype=torch.bool, device=device)  # no empty rows
+        prefill_pos = (key_pos[None, :plen] - pad[:, None]).clamp(min=0)
+        return cls(tokens.to(device), pad, key_pos, key_valid, prefill_mask, prefill_pos, cache_len)
+
+
+def _decode_loop(
+    model,
+    step_fn,
+    heads: LevelHeads,
+    vocab: MimiVocab,
+    batch: _PaddedBatch,
+    seeds: List[int],
+    *,
+    phase: int,
+    max_steps: int,
+    params: tuple,
+    stop_at_end: bool,
+    min_new_frames: int,
+    check_stop_every: int,
+    on_frame,
+):
+    """The prompt pass, then one token per step: ``(generated [B, n] on the CPU, prefill_s,
+    decode_s)``. ``params`` is ``(semantic, acoustic)``."""
+    device = batch.tokens.device
+    bsz, plen = batch.tokens.shape
+    q_levels, c = vocab.num_quantizers, vocab.codebook_size
     keys = seed_keys(torch.tensor(seeds, dtype=torch.long, device=device))
     index_hash = _hash32(torch.arange(c + 1, device=device))
-    step_fn = decode_step
-    if compile:
-        step_fn = torch.compile(decode_step, mode=compile_mode, dynamic=False)
-
     generated = torch.full((bsz, max_steps), vocab.audio_end_id, dtype=torch.long, device=device)
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     level_offsets = torch.tensor(vocab.audio_offset, device=device)
     frames_done = 0
-
-    def params_for(level):
-        return semantic if level == 0 else acoustic
 
     def ids_of(index, level, allow_end):
         ids = level_offsets + index * q_levels + level
@@ -453,65 +521,65 @@ def generate(
             ids = torch.where(index == c, vocab.audio_end_id, ids)
         return ids
 
-    if model.caches_are_setup():
-        delete_kv_caches(model)
-    with device:  # torchtune makes the cache buffers on the default device
-        model.setup_caches(bsz, dtype, decoder_max_seq_len=cache_len)
-    try:
-        t0 = time.perf_counter()
-        pos = torch.tensor(plen, device=device)  # cache slot of the next token fed
-        step = torch.zeros((), dtype=torch.long, device=device)
-        n_steps = 0
-        x = tokens  # fed to the model: the prompt first, then the last token drawn
-        for n in range(max_steps):
-            level = (phase + n) % q_levels
-            frame_index = (phase + n) // q_levels  # index of the frame this token belongs to
-            allow_end = stop_at_end and level == 0 and frame_index >= min_new_frames
-            head = heads.weight(level, allow_end)
-            if n == 0:
-                index = decode_step(
-                    model, x, prefill_pos, prefill_mask, head, keys, step, index_hash,
-                    params_for(level),
-                )  # fmt: skip
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t1 = time.perf_counter()
-            else:
-                mask = (key_valid & (key_pos <= pos))[:, None, :]
-                index = step_fn(
-                    model, x, (pos - pad)[:, None], mask, head, keys, step, index_hash,
-                    params_for(level),
-                )  # fmt: skip
-                pos += 1
-            new = ids_of(index, level, allow_end)
-            if allow_end:
-                finished |= new == vocab.audio_end_id
-            x = torch.where(finished, vocab.audio_end_id, new)[:, None]  # fed at the next step
-            generated[:, n] = x[:, 0]
-            step += 1
-            n_steps = n + 1
-            if level == q_levels - 1:  # a frame was completed
-                frames_done += 1
-                if on_frame is not None:
-                    if n + 1 >= q_levels:
-                        frame = generated[:, n + 1 - q_levels : n + 1]
-                    else:  # completes the prompt's partial frame
-                        frame = torch.cat([tokens[:, plen - phase :], generated[:, : n + 1]], 1)
-                    on_frame(frames_done - 1, frame, ~finished)
-            if allow_end and frame_index % check_stop_every == 0 and bool(finished.all()):
-                break
-        generated = generated[:, :n_steps].cpu()
-        t2 = time.perf_counter()
-    finally:
-        delete_kv_caches(model)
+    t0 = time.perf_counter()
+    pos = torch.tensor(plen, device=device)  # cache slot of the next token fed
+    step = torch.zeros((), dtype=torch.long, device=device)
+    n_steps = 0
+    x = batch.tokens  # fed to the model: the prompt first, then the last token drawn
+    for n in range(max_steps):
+        level = (phase + n) % q_levels
+        frame_index = (phase + n) // q_levels  # index of the frame this token belongs to
+        allow_end = stop_at_end and level == 0 and frame_index >= min_new_frames
+        head = heads.weight(level, allow_end)
+        level_params = params[0] if level == 0 else params[1]
+        if n == 0:
+            index = decode_step(
+                model, x, batch.prefill_pos, batch.prefill_mask, head, keys, step, index_hash,
+                level_params,
+            )  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+        else:
+            mask = (batch.key_valid & (batch.key_pos <= pos))[:, None, :]
+            index = step_fn(
+                model, x, (pos - batch.pad)[:, None], mask, head, keys, step, index_hash,
+                level_params,
+            )  # fmt: skip
+            pos += 1
+        new = ids_of(index, level, allow_end)
+        if allow_end:
+            finished |= new == vocab.audio_end_id
+        x = torch.where(finished, vocab.audio_end_id, new)[:, None]  # fed at the next step
+        generated[:, n] = x[:, 0]
+        step += 1
+        n_steps = n + 1
+        if level == q_levels - 1:  # a frame was completed
+            frames_done += 1
+            if on_frame is not None:
+                if n + 1 >= q_levels:
+                    frame = generated[:, n + 1 - q_levels : n + 1]
+                else:  # completes the prompt's partial frame
+                    frame = torch.cat([batch.tokens[:, plen - phase :], generated[:, : n + 1]], 1)
+                on_frame(frames_done - 1, frame, ~finished)
+        if allow_end and frame_index % check_stop_every == 0 and bool(finished.all()):
+            break
+    generated = generated[:, :n_steps].cpu()
+    t2 = time.perf_counter()
+    return generated, t1 - t0, t2 - t1
 
+
+def _assemble_output(
+    plist, generated: torch.Tensor, phase: int, vocab: MimiVocab, prefill_s: float, decode_s: float
+) -> GenerationOutput:
+    """Each prompt followed by its generated ids, cut after its ``</audio>``."""
     ids, num_frames, num_new, ended = [], [], [], []
     for b, p in enumerate(plist):
         row = generated[b]
         stops = (row == vocab.audio_end_id).nonzero().flatten()
         n_audio = int(stops[0]) if len(stops) else len(row)
         ended.append(bool(len(stops)))
-        num_frames.append((phase + n_audio) // q_levels)
+        num_frames.append((phase + n_audio) // vocab.num_quantizers)
         num_new.append(n_audio)
         ids.append(torch.cat([p, row[: n_audio + (1 if len(stops) else 0)]]))
     return GenerationOutput(
@@ -520,7 +588,7 @@ def generate(
         num_frames=num_frames,
         num_new_tokens=num_new,
         ended=ended,
-        prefill_s=t1 - t0,
-        decode_s=t2 - t1,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
         vocab=vocab,
     )
