@@ -3,7 +3,7 @@
 Mimi turns 24 kHz audio into 12.5 frames per second; each frame is a stack of Q residual
 vector quantizer (RVQ) codes from 2048-entry codebooks, level 0 "semantic" (distilled from
 WavLM) and levels 1.. "acoustic". :class:`MimiCodec` wraps moshi's ``MimiModel`` with the
-small API of DESIGN.md contract 4: ``encode`` any waveform to codes ``[Q, F]`` with
+small API the package needs: ``encode`` any waveform to codes ``[Q, F]`` with
 ``F = ceil(seconds * 12.5)``, ``decode`` codes back to 24 kHz audio, a batched encoder that
 gives every item exactly the codes it gets alone, and a frame-by-frame streaming decoder.
 
@@ -36,7 +36,13 @@ from safetensors.torch import load_file, save_file
 
 from llama_mimi_tt.audio import load_audio, prepare_waveform, synthetic_audio
 from llama_mimi_tt.errors import MissingFileError, UserError
-from llama_mimi_tt.vocab import MAX_QUANTIZERS
+from llama_mimi_tt.vocab import (
+    MAX_QUANTIZERS,
+    MIMI_CODEBOOK_SIZE,
+    MIMI_FRAME_RATE,
+    MIMI_SAMPLE_RATE,
+    check_codes,
+)
 
 __all__ = [
     "MimiCodec",
@@ -56,7 +62,7 @@ _GET_WEIGHTS = (
 )
 
 
-def num_frames(num_samples: int, sample_rate: int, frame_rate: float = 12.5) -> int:
+def num_frames(num_samples: int, sample_rate: int, frame_rate: float = MIMI_FRAME_RATE) -> int:
     """Mimi frames for ``num_samples`` at ``sample_rate``: exactly ``ceil(seconds * frame_rate)``."""
     rate = Fraction(frame_rate).limit_denominator(1000) / int(sample_rate)  # rational: no rounding
     return -(-int(num_samples) * rate.numerator // rate.denominator)
@@ -163,7 +169,7 @@ class MimiCodec:
         num_items = 4
         wave = synthetic_audio(fit_seconds / num_items, model.sample_rate, seed, num_items)
         with torch.inference_mode():
-            latents = model._encode_to_unquantized_latent(wave[:, None])
+            latents = model.encode_to_latent(wave[:, None], quantize=False)
         _fit_codebooks(model, latents, torch.Generator().manual_seed(seed))
         return cls(model, num_quantizers=num_quantizers, device=device, dtype=dtype)
 
@@ -232,7 +238,7 @@ class MimiCodec:
         )
         if len(names) != len(waveforms):
             raise ValueError(f"got {len(names)} names for {len(waveforms)} waveforms")
-        self._check_not_streaming()
+        _refuse_if_streaming(self.model)
         waves, frames = [], []
         for wave, name in zip(waveforms, names):
             waves.append(prepare_waveform(wave, sample_rate, self.sample_rate, name=name))
@@ -263,7 +269,7 @@ class MimiCodec:
         """
         with torch.inference_mode():
             x = batch.to(device=self.device, dtype=self.dtype)[:, None]
-            latents = self.model._encode_to_unquantized_latent(x)
+            latents = self.model.encode_to_latent(x, quantize=False)
             codes = torch.cat([self.model.quantizer.encode(z[None]) for z in latents])
         return codes.to("cpu", torch.int64)
 
@@ -278,7 +284,7 @@ class MimiCodec:
                 (the message names the first bad ``[level, frame]``).
         """
         codes = self.check_codes(codes)
-        self._check_not_streaming()
+        _refuse_if_streaming(self.model)
         if codes.shape[1] == 0:
             return torch.zeros(1, 0)
         with torch.inference_mode():
@@ -298,13 +304,10 @@ class MimiCodec:
                 f"got {codes.shape[0]} (shape {tuple(codes.shape)})"
             )
         codes = codes.to(torch.int64)
-        bad = (codes < 0) | (codes >= self.codebook_size)
-        if bad.any():
-            q, f = (int(i) for i in bad.nonzero()[0])
-            raise UserError(
-                f"{name}: code {int(codes[q, f])} at [level {q}, frame {f}] is outside "
-                f"0..{self.codebook_size - 1}"
-            )
+        try:
+            check_codes(codes, self.codebook_size, where=name)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         return codes
 
     def streaming_decoder(self, batch_size: int = 1) -> MimiStreamingDecoder:
@@ -321,13 +324,6 @@ class MimiCodec:
         while it is open (moshi keeps the streaming state in the model).
         """
         return MimiStreamingDecoder(self, batch_size)
-
-    def _check_not_streaming(self) -> None:
-        if self.model._streaming_state is not None:
-            raise RuntimeError(
-                "MimiCodec: the model is in streaming mode; close the streaming_decoder() "
-                "before calling encode/decode"
-            )
 
     def __repr__(self) -> str:
         return (
@@ -353,7 +349,7 @@ class MimiStreamingDecoder:
         self._stack = None
 
     def __enter__(self) -> MimiStreamingDecoder:
-        self.codec._check_not_streaming()
+        _refuse_if_streaming(self.codec.model)
         self._stack = self.codec.model.streaming(batch_size=self.batch_size)
         return self
 
@@ -443,6 +439,14 @@ def _check_num_quantizers(num_quantizers: int, max_quantizers: int) -> None:
         )
 
 
+def _refuse_if_streaming(model: MimiModel) -> None:
+    if model.is_streaming:
+        raise RuntimeError(
+            "MimiCodec: the model is in streaming mode; close the streaming_decoder() "
+            "before calling encode/decode"
+        )
+
+
 def _fit_length(wave: torch.Tensor, length: int, padded: int) -> torch.Tensor:
     """Crop or zero-pad ``wave`` to ``length`` samples, then zero-pad it to ``padded``."""
     wave = wave[:length]
@@ -457,27 +461,37 @@ def _fit_codebooks(
     ``latents`` [B, D, T] are the encoder's outputs. For each quantizer (semantic, acoustic)
     and each level, the codebook entries are random latent (residual) frames plus Gaussian
     jitter with the frames' own covariance times ``spread``; the residual left by the nearest
-    entry feeds the next level. Buffers are written in moshi's format (``embedding_sum``,
-    ``cluster_usage`` = 1, ``_initialized`` = 1), so ``save_moshi`` keeps them.
+    entry feeds the next level. Each level is loaded through its state dict, as a checkpoint
+    would be (entries as ``embedding_sum``, usage 1, marked initialized), so ``save_moshi``
+    keeps them. ``model`` must be fresh: moshi caches the entries on first use.
     """
     with torch.inference_mode():
         for rvq in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
             residual = rvq.input_proj(latents).transpose(1, 2).reshape(-1, rvq.dimension)
             residual = residual.double()
             for layer in rvq.vq.layers:
-                codebook = layer._codebook
-                n, size = residual.shape[0], codebook.codebook_size
+                n, size = residual.shape[0], layer.codebook_size
                 pick = torch.randint(0, n, (size,), generator=generator)
                 mix = torch.randn(size, n, generator=generator, dtype=torch.float64)
                 jitter = mix @ (residual - residual.mean(0)) / math.sqrt(max(n - 1, 1))
                 entries = residual[pick] + spread * jitter
-                codebook.embedding_sum.copy_(entries)
-                codebook.cluster_usage.fill_(1.0)
-                codebook._initialized.fill_(1.0)
-                codebook.register_buffer("_embedding", None, persistent=False)
-                codebook._cached_initialized = False
+                layer.load_state_dict(
+                    {
+                        key: _fitted_buffer(key, value, entries)
+                        for key, value in layer.state_dict().items()
+                    }
+                )
                 nearest = torch.cdist(residual, entries).argmin(-1)
                 residual = residual - entries[nearest]
+
+
+def _fitted_buffer(key: str, value: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """A codebook buffer of moshi's checkpoint format, filled with fitted ``entries``."""
+    if key.endswith("embedding_sum"):
+        return entries.to(value.dtype)
+    if key.endswith(("cluster_usage", "initialized")):
+        return torch.ones_like(value)
+    return value
 
 
 # ---------------------------------------------------------------------- checkpoint formats
@@ -550,10 +564,10 @@ def _convert_hf_state_dict(
         config = json.loads(config_path.read_text())
         expected = {
             "hidden_size": 512,
-            "codebook_size": 2048,
-            "num_quantizers": 32,
+            "codebook_size": MIMI_CODEBOOK_SIZE,
+            "num_quantizers": MAX_QUANTIZERS,
             "num_semantic_quantizers": 1,
-            "sampling_rate": 24000,
+            "sampling_rate": MIMI_SAMPLE_RATE,
             "num_hidden_layers": 8,
             "num_attention_heads": 8,
             "upsampling_ratios": [8, 6, 5, 4],

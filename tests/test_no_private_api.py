@@ -1,5 +1,6 @@
-"""The package and the recipes use torchtune's public API only: no import of a module or name
-that starts with ``_``, no ``_attribute`` of anything imported from torchtune, no
+"""The package and the recipes use torchtune's and moshi's public API only: no import of a
+module or name that starts with ``_``, no ``_attribute`` of anything imported from torchtune, no
+moshi private member we once used (``MOSHI_PRIVATE``, as an attribute or a ``getattr`` name), no
 ``unittest.mock`` and no loading of torchtune's own recipe files (our training recipe is our own)."""
 
 import ast
@@ -9,6 +10,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "llama_mimi_tt").rglob("*.py")) + sorted((ROOT / "recipes").glob("*.py"))
+
+# moshi members that are private (a moshi object's ``._name`` cannot be told apart from any other
+# by the AST, so these names are rejected on anything; moshi's checkpoint keys, strings, are fine)
+MOSHI_PRIVATE = frozenset(
+    {
+        "_encode_to_unquantized_latent",
+        "_streaming_state",
+        "_codebook",
+        "_initialized",
+        "_cached_initialized",
+        "_check_not_streaming",
+    }
+)
+ATTRIBUTE_FUNCTIONS = frozenset({"getattr", "setattr", "hasattr", "delattr"})
 
 
 def private(name: str) -> bool:
@@ -41,6 +56,15 @@ def violations(path: Path):
             if "torchtune" in node.value and "recipes/" in node.value:
                 yield node.lineno, f"torchtune recipe file {node.value!r}"
     for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in MOSHI_PRIVATE:
+            yield node.lineno, f"moshi private {ast.unparse(node)}"
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ATTRIBUTE_FUNCTIONS
+            and any(isinstance(a, ast.Constant) and a.value in MOSHI_PRIVATE for a in node.args)
+        ):
+            yield node.lineno, f"moshi private {ast.unparse(node)}"
         if isinstance(node, ast.Attribute) and private(node.attr):
             root = node.value
             while isinstance(root, ast.Attribute):
@@ -62,5 +86,10 @@ def test_the_check_catches_what_it_should(tmp_path):
         "from torchtune.config._utils import _get_component_from_path\n"
         "from torchtune import training\n"
         "x = training._distributed\n"
+        "latents = model._encode_to_unquantized_latent(x)\n"
+        "streaming = codec.model._streaming_state is not None\n"
+        "layer._codebook._initialized.fill_(1)\n"
+        "getattr(codebook, '_cached_initialized')\n"
+        "keys = ['quantizer.rvq_first.vq.layers.0._codebook._initialized']\n"
     )
-    assert len(list(violations(bad))) == 4
+    assert len(list(violations(bad))) == 9
