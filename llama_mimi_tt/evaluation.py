@@ -56,12 +56,12 @@ from tqdm import tqdm
 
 from llama_mimi_tt.benchmarks import Pair
 from llama_mimi_tt.errors import writing
-from llama_mimi_tt.vocab import MimiVocab
+from llama_mimi_tt.generation import decoder_hidden
+from llama_mimi_tt.vocab import MIMI_FRAME_RATE, MimiVocab
 
 log = utils.get_logger("INFO")
 
 SCORE_MODES = ("mean", "sum", "semantic")
-MIMI_FRAME_RATE = 12.5
 
 __all__ = [
     "SCORE_MODES",
@@ -124,10 +124,7 @@ def _final_hidden(model: torch.nn.Module, tokens: torch.Tensor) -> Tuple[torch.T
     """The normalised last hidden states of a torchtune ``TransformerDecoder`` (output projection
     left out), or the logits of any other model: ``(tensor, is_logits)``."""
     if all(hasattr(model, a) for a in ("tok_embeddings", "layers", "norm", "output")):
-        h = model.tok_embeddings(tokens)
-        for layer in model.layers:
-            h = layer(h)
-        return model.norm(h), False
+        return decoder_hidden(model, tokens, last_only=False), False
     out = model(tokens)
     if isinstance(out, list):  # chunked output
         out = torch.cat(out, dim=1)

@@ -166,6 +166,7 @@ def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -
     from llama_mimi_tt.audio import load_audio, save_audio
     from llama_mimi_tt.generation import SamplingParams, generate
     from llama_mimi_tt.judge import evaluate_generations, format_generation_summary
+    from llama_mimi_tt.vocab import MIMI_FRAME_RATE
 
     gcfg = cfg.generation
     prompts = read_prompts(gcfg.prompts, gcfg.get("max_prompts"))
@@ -173,7 +174,7 @@ def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -
     sr = codec.sample_rate
     todo = [p for p in prompts if "continuation" not in p]
     params = SamplingParams(temperature=gcfg.get("temperature", 0.8), top_k=gcfg.get("top_k", 30))
-    max_frames = round(gcfg.get("max_new_seconds", 10.0) * 12.5)
+    max_frames = round(gcfg.get("max_new_seconds", 10.0) * MIMI_FRAME_RATE)
     batch = int(gcfg.get("batch_size", 4))
     failed = []
     for b0 in range(0, len(todo), batch):
@@ -183,8 +184,8 @@ def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -
             wave = load_audio(item["path"], sr)[: int(gcfg.get("prompt_seconds", 3.0) * sr)]
             with writing(gen_dir / f"{item['id']}_prompt.wav"):
                 item["prompt_cut"] = str(save_audio(gen_dir / f"{item['id']}_prompt.wav", wave, sr))
-            seq, _ = tokenizer.tokenize(codec.encode(wave, sr))
-            ids.append(torch.tensor(seq[:-1]))  # drop </audio>: the audio goes on
+            prompt, _ = tokenizer.continuation_ids(codec.encode(wave, sr))  # audio left open
+            ids.append(torch.tensor(prompt))
         out = generate(
             model,
             ids,
