@@ -12,7 +12,8 @@ Outputs in ``output_dir``, per prompt ``<name>`` and sample ``k``:
     <name>_s<k>_codes.pt           the generated codes [Q, F] (int64; usable as prompt_codes)
     summary.json                   frames, seconds, tokens/s, real-time factor per run and sample
 
-With ``streaming: True`` the continuation is decoded by Mimi's streaming decoder and appended
+With ``streaming: True`` the continuation is decoded by the codec's streaming decoder
+(``MimiCodec.streaming_decoder``) and appended
 to ``<name>_s<k>_continuation.wav`` frame by frame while generating (flushed after each frame);
 it equals the non-streaming decode within 1e-5 (float) / 1 LSB (16-bit file).
 """
@@ -31,12 +32,12 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from llama_mimi_tt.audio import save_audio
-from llama_mimi_tt.codec import MAX_QUANTIZERS
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
-from llama_mimi_tt.generation import FRAME_RATE, SamplingParams, generate
+from llama_mimi_tt.generation import GenerationOutput, SamplingParams, generate
 from llama_mimi_tt.loading import load_model, random_weights
 from llama_mimi_tt.quantize import parse_quantize, quantize_model
 from llama_mimi_tt.recipe_config import check_number, check_output_dir, run_recipe
+from llama_mimi_tt.vocab import MAX_QUANTIZERS, MIMI_FRAME_RATE
 
 log = utils.get_logger("INFO")
 
@@ -118,7 +119,6 @@ def build_prompts(cfg: DictConfig, tokenizer, codec) -> List[Prompt]:
     every prompt, or one string per prompt; with no audio or codes, each string is a text-only
     prompt. With nothing at all, one unconditional prompt ``<bos> <audio>``.
     """
-    vocab = tokenizer.vocab
     audio = [("audio", str(p)) for p in _as_list(cfg.get("prompt_audio"))]
     codes = [("codes", str(p)) for p in _as_list(cfg.get("prompt_codes"))]
     texts = check_text_side(cfg)
@@ -142,16 +142,12 @@ def build_prompts(cfg: DictConfig, tokenizer, codec) -> List[Prompt]:
         elif kind == "codes":
             c = load_codes_file(path, codec)
         else:
-            c = torch.zeros(vocab.num_quantizers, 0, dtype=torch.long)
+            c = torch.zeros(tokenizer.vocab.num_quantizers, 0, dtype=torch.long)
         name = Path(path).stem if path else ("uncond" if kind == "uncond" else f"text{i}")
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:  # the same file (or file name) twice: codes, codes_1, ...
             name = f"{name}_{seen[name] - 1}"
-        ids = [tokenizer.bos_id]
-        if text is not None:
-            ids += tokenizer.encode(text, add_bos=False, add_eos=False)
-        ids = torch.cat([torch.tensor(ids + [vocab.audio_start_id]), vocab.encode(c)])
-        prompts.append(Prompt(name=name, ids=ids, codes=c, text=text))
+        prompts.append(Prompt(name=name, ids=tokenizer.prompt_ids(c, text), codes=c, text=text))
     return prompts
 
 
@@ -162,41 +158,38 @@ def check_context(prompts: List[Prompt], max_new_frames: int, max_seq_len: int, 
             room = (max_seq_len - max_new_frames * q - len(p.ids) + len(p.codes[0]) * q) // q
             raise UserError(
                 f"prompt {p.name!r} is too long: {len(p.ids)} tokens ({p.codes.shape[-1]} frames) "
-                f"+ {max_new_frames * q} new tokens ({max_new_frames / FRAME_RATE:.2f} s) exceed "
+                f"+ {max_new_frames * q} new tokens ({max_new_frames / MIMI_FRAME_RATE:.2f} s) exceed "
                 f"the context of max_seq_len={max_seq_len}. Lower max_seconds or use at most "
-                f"{max(room, 0)} prompt frames ({max(room, 0) / FRAME_RATE:.2f} s)."
+                f"{max(room, 0)} prompt frames ({max(room, 0) / MIMI_FRAME_RATE:.2f} s)."
             )
 
 
 # ---- streaming ------------------------------------------------------------------------------
 class StreamingWriter:
-    """Decodes each generated frame of a batch with Mimi's streaming state (batched) and
-    appends it to one .wav per sample, flushing after every frame."""
+    """Decodes each generated frame of a batch with the codec's streaming decoder (batched)
+    and appends it to one .wav per sample, flushing after every frame."""
 
     def __init__(self, codec, vocab, paths: List[Path]):
-        self.codec, self.vocab = codec, vocab
+        self.vocab = vocab
         self.files = [
             sf.SoundFile(str(p), "w", samplerate=codec.sample_rate, channels=1, subtype="PCM_16")
             for p in paths
         ]
-        self._ctx = codec.model.streaming(batch_size=len(paths))
-        self._ctx.__enter__()
+        self.decoder = codec.streaming_decoder(batch_size=len(paths)).__enter__()
 
     def __call__(self, frame_index: int, frame_ids: torch.Tensor, active: torch.Tensor):
         ids = frame_ids.cpu()
         active = active.cpu().tolist()
         first_ids = self.vocab.audio_offset + torch.arange(ids.shape[-1])  # code 0 of each level
         ids = torch.where(self.vocab.is_audio(ids), ids, first_ids)  # rows that stopped
-        codes = self.vocab.decode(ids)  # [B, Q, 1]
-        with torch.inference_mode():
-            wave = self.codec.model.decode(codes.to(self.codec.device)).float().cpu()
+        wave = self.decoder.decode_frame(self.vocab.decode(ids))  # [B, Q, 1] -> [B, 1, 1920]
         for f, w, a in zip(self.files, wave, active):
             if a:
                 f.write(np.clip(w[0].numpy(), -1.0, 1.0))
                 f.flush()
 
     def close(self):
-        self._ctx.__exit__(None, None, None)
+        self.decoder.__exit__(None, None, None)
         for f in self.files:
             f.close()
 
@@ -219,14 +212,30 @@ def check_settings(cfg: DictConfig) -> None:
     check_number(cfg, "seed", int, low=0)
     check_number(cfg, "num_samples", int, low=1, default=1)
     check_number(cfg, "batch_size", int, low=1, optional=True)
-    check_number(cfg, "max_seconds", float, low=1 / FRAME_RATE)
+    check_number(cfg, "max_seconds", float, low=1 / MIMI_FRAME_RATE)
     check_number(cfg, "min_new_frames", int, low=0, default=0)
     sampling_params(cfg, "semantic")
     sampling_params(cfg, "acoustic")
 
 
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
+@dataclass
+class Setup:
+    """What a run needs, loaded and checked."""
+
+    tokenizer: object
+    codec: object
+    model: torch.nn.Module
+    prompts: List[Prompt]
+    max_new_frames: int
+    quant: object
+    device: torch.device
+    dtype: torch.dtype
+    out_dir: Path
+
+
+def setup(cfg: DictConfig) -> Setup:
+    """Checks the config, then loads the tokenizer, codec, prompts and model (in that order:
+    cheap errors first)."""
     check_settings(cfg)
     check_text_side(cfg)  # before the (slow) codec and model
     quant = parse_quantize(cfg.get("quantize"), cfg.get("quantize_group_size", 128))
@@ -245,7 +254,7 @@ def recipe_main(cfg: DictConfig) -> None:
             f"{vocab.num_quantizers}: set both from one num_quantizers"
         )
     prompts = build_prompts(cfg, tokenizer, codec)
-    max_new_frames = int(cfg.max_seconds * FRAME_RATE)
+    max_new_frames = int(cfg.max_seconds * MIMI_FRAME_RATE)
     if max_new_frames < 1:
         raise UserError(f"max_seconds={cfg.max_seconds} is shorter than one frame (0.08 s)")
     model = load_model(cfg, device, dtype)
@@ -253,97 +262,93 @@ def recipe_main(cfg: DictConfig) -> None:
     dtype = quant.activation_dtype or dtype
     log.info(f"precision: {quant.describe(device)}")
     check_context(prompts, max_new_frames, model.max_seq_len, vocab.num_quantizers)
+    return Setup(tokenizer, codec, model, prompts, max_new_frames, quant, device, dtype, out_dir)
 
-    num_samples = int(cfg.get("num_samples", 1))
-    jobs = [(p, k) for p in prompts for k in range(num_samples)]
-    batch_size = int(cfg.get("batch_size") or len(jobs))
-    semantic, acoustic = sampling_params(cfg, "semantic"), sampling_params(cfg, "acoustic")
-    streaming = bool(cfg.get("streaming", False))
-    log.info(
-        f"{len(prompts)} prompt(s) x {num_samples} sample(s), up to {cfg.max_seconds} s each; "
-        f"semantic {semantic}, acoustic {acoustic}{', streaming' if streaming else ''}"
-    )
 
-    records, totals = [], dict(tokens=0, frames=0, wall_s=0.0, prefill_s=0.0, decode_s=0.0)
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
-        stems = [out_dir / f"{p.name}_s{k}" for p, k in batch]
-        bar = tqdm(total=max_new_frames, desc="frames", unit="frame")
-        writer = None
-        if streaming:
-            with writing(f"{stems[0]}_continuation.wav"):
-                writer = StreamingWriter(
-                    codec, vocab, [Path(f"{s}_continuation.wav") for s in stems]
-                )
-
-        def on_frame(i, frame_ids, active, writer=writer, bar=bar):
-            if writer is not None:
-                writer(i, frame_ids, active)
-            bar.update(1)
-
-        try:
-            out = generate(
-                model,
-                [p.ids for p, _ in batch],
-                vocab,
-                max_new_frames,
-                semantic=semantic,
-                acoustic=acoustic,
-                seed=[int(cfg.seed) + k for _, k in batch],
-                stop_at_end=bool(cfg.get("stop_at_end", True)),
-                min_new_frames=int(cfg.get("min_new_frames", 0)),
-                compile=bool(cfg.get("compile", False)),
-                on_frame=on_frame,
+def generate_batch(cfg: DictConfig, run: Setup, batch, stems: List[Path]) -> GenerationOutput:
+    """One batch of (prompt, sample) jobs, with a progress bar and, when streaming, the
+    continuations written frame by frame."""
+    bar = tqdm(total=run.max_new_frames, desc="frames", unit="frame")
+    writer = None
+    if cfg.get("streaming", False):
+        with writing(f"{stems[0]}_continuation.wav"):
+            writer = StreamingWriter(
+                run.codec, run.tokenizer.vocab, [Path(f"{s}_continuation.wav") for s in stems]
             )
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
 
-        for b, ((p, k), stem) in enumerate(zip(batch, stems)):
-            new = out.new_codes(b)
-            with writing(f"{stem}_codes.pt"):
-                torch.save(new.clone(), f"{stem}_codes.pt")
-            if not streaming:
-                wave = codec.decode(new) if new.shape[-1] else torch.zeros(1, 0)
-                with writing(f"{stem}_continuation.wav"):
-                    save_audio(f"{stem}_continuation.wav", wave, codec.sample_rate)
-            full = torch.cat([p.codes, new], dim=-1)
-            wave = codec.decode(full) if full.shape[-1] else torch.zeros(1, 0)
-            with writing(f"{stem}_full.wav"):
-                save_audio(f"{stem}_full.wav", wave, codec.sample_rate)
-            records.append(
-                dict(
-                    name=p.name,
-                    sample=k,
-                    seed=int(cfg.seed) + k,
-                    text=p.text,
-                    prompt_frames=int(p.codes.shape[-1]),
-                    frames=out.num_frames[b],
-                    seconds=out.num_frames[b] / FRAME_RATE,
-                    ended_with_audio_end=out.ended[b],
-                    continuation=f"{stem.name}_continuation.wav",
-                    full=f"{stem.name}_full.wav",
-                    codes=f"{stem.name}_codes.pt",
-                )
+    def on_frame(i, frame_ids, active):
+        if writer is not None:
+            writer(i, frame_ids, active)
+        bar.update(1)
+
+    try:
+        return generate(
+            run.model,
+            [p.ids for p, _ in batch],
+            run.tokenizer.vocab,
+            run.max_new_frames,
+            semantic=sampling_params(cfg, "semantic"),
+            acoustic=sampling_params(cfg, "acoustic"),
+            seed=[int(cfg.seed) + k for _, k in batch],
+            stop_at_end=bool(cfg.get("stop_at_end", True)),
+            min_new_frames=int(cfg.get("min_new_frames", 0)),
+            compile=bool(cfg.get("compile", False)),
+            on_frame=on_frame,
+        )
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+
+def save_batch(
+    cfg: DictConfig, run: Setup, batch, stems: List[Path], out: GenerationOutput
+) -> List[dict]:
+    """Writes each sample's codes and .wav files; its summary record."""
+    codec, records = run.codec, []
+    for b, ((p, k), stem) in enumerate(zip(batch, stems)):
+        new = out.new_codes(b)
+        with writing(f"{stem}_codes.pt"):
+            torch.save(new.clone(), f"{stem}_codes.pt")
+        if not cfg.get("streaming", False):
+            wave = codec.decode(new) if new.shape[-1] else torch.zeros(1, 0)
+            with writing(f"{stem}_continuation.wav"):
+                save_audio(f"{stem}_continuation.wav", wave, codec.sample_rate)
+        full = torch.cat([p.codes, new], dim=-1)
+        wave = codec.decode(full) if full.shape[-1] else torch.zeros(1, 0)
+        with writing(f"{stem}_full.wav"):
+            save_audio(f"{stem}_full.wav", wave, codec.sample_rate)
+        records.append(
+            dict(
+                name=p.name,
+                sample=k,
+                seed=int(cfg.seed) + k,
+                text=p.text,
+                prompt_frames=int(p.codes.shape[-1]),
+                frames=out.num_frames[b],
+                seconds=out.num_frames[b] / MIMI_FRAME_RATE,
+                ended_with_audio_end=out.ended[b],
+                continuation=f"{stem.name}_continuation.wav",
+                full=f"{stem.name}_full.wav",
+                codes=f"{stem.name}_codes.pt",
             )
-        totals["tokens"] += out.num_tokens
-        totals["frames"] += sum(out.num_frames)
-        totals["wall_s"] += out.wall_s
-        totals["prefill_s"] += out.prefill_s
-        totals["decode_s"] += out.decode_s
+        )
+    return records
 
-    audio_s = totals["frames"] / FRAME_RATE
+
+def write_summary(cfg: DictConfig, run: Setup, records: List[dict], totals: dict) -> None:
+    """``summary.json`` and the closing log lines."""
+    audio_s = totals["frames"] / MIMI_FRAME_RATE
     summary = dict(
         random_weights=random_weights(cfg),
-        num_quantizers=vocab.num_quantizers,
+        num_quantizers=run.tokenizer.vocab.num_quantizers,
         max_seconds=float(cfg.max_seconds),
-        streaming=streaming,
+        streaming=bool(cfg.get("streaming", False)),
         compile=bool(cfg.get("compile", False)),
-        device=str(device),
-        dtype=str(dtype),
-        quantize=quant.precision,
-        precision=quant.describe(device),
+        device=str(run.device),
+        dtype=str(run.dtype),
+        quantize=run.quant.precision,
+        precision=run.quant.describe(run.device),
         tokens=totals["tokens"],
         frames=totals["frames"],
         audio_seconds=audio_s,
@@ -354,6 +359,7 @@ def recipe_main(cfg: DictConfig) -> None:
         rtf=totals["wall_s"] / audio_s if audio_s else None,
         samples=records,
     )
+    out_dir = run.out_dir
     with writing(out_dir / "summary.json"):
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     rtf = f"{summary['rtf']:.3f}" if summary["rtf"] is not None else "n/a"
@@ -364,6 +370,30 @@ def recipe_main(cfg: DictConfig) -> None:
     )
     if summary["random_weights"]:
         log.warning("!!! random weights: the .wav files are NOT speech. !!!")
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    run = setup(cfg)
+    num_samples = int(cfg.get("num_samples", 1))
+    jobs = [(p, k) for p in run.prompts for k in range(num_samples)]
+    batch_size = int(cfg.get("batch_size") or len(jobs))
+    log.info(
+        f"{len(run.prompts)} prompt(s) x {num_samples} sample(s), up to {cfg.max_seconds} s "
+        f"each; semantic {sampling_params(cfg, 'semantic')}, acoustic "
+        f"{sampling_params(cfg, 'acoustic')}{', streaming' if cfg.get('streaming') else ''}"
+    )
+    records, totals = [], dict(tokens=0, frames=0, wall_s=0.0, prefill_s=0.0, decode_s=0.0)
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        stems = [run.out_dir / f"{p.name}_s{k}" for p, k in batch]
+        out = generate_batch(cfg, run, batch, stems)
+        records += save_batch(cfg, run, batch, stems, out)
+        totals["tokens"] += out.num_tokens
+        totals["frames"] += sum(out.num_frames)
+        for key in ("wall_s", "prefill_s", "decode_s"):
+            totals[key] += getattr(out, key)
+    write_summary(cfg, run, records, totals)
 
 
 if __name__ == "__main__":
