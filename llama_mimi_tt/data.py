@@ -612,11 +612,10 @@ def _not_a_cache_error(source: str) -> MissingFileError:
     """What to do when ``source`` is not a code cache and no codec was given."""
     p = Path(str(source)).expanduser()
     if not p.exists():
-        return MissingFileError(
-            f"code cache {p} does not exist. Build it with `tune run llama_mimi_tokenize "
-            f"--config tokenize source=<audio> output_dir={p}` (or give raw audio and a "
-            "codec to encode in memory)."
-        )
+        try:
+            read_cache_manifest(p)  # says that the cache does not exist and how to build it
+        except MissingFileError as e:
+            return MissingFileError(f"{e} (or give raw audio and a codec to encode in memory)")
     has_audio = p.is_dir() and any(
         f.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS for f in p.rglob("*")
     )

@@ -196,10 +196,6 @@ class LlamaMimiTokenizer:
             ids.append(v.audio_end_id)
         return ids
 
-    def continuation_header(self) -> List[int]:
-        """``<bos> <audio>``: the head of a sample that continues an utterance cut short."""
-        return self.sequence(torch.zeros(self.vocab.num_quantizers, 0), close=False)
-
     def prompt_ids(self, codes=None, text: Optional[str] = None) -> torch.Tensor:
         """A generation prompt ``<bos> [text] <audio> [frames]`` (open audio, never cut), for
         codes ``[Q', F]`` with Q' >= Q (the first Q levels are used; None: no frames)."""
