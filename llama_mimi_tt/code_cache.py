@@ -54,6 +54,7 @@ the result is the same, written atomically. Temporary files follow the same rule
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -70,7 +71,12 @@ import torch
 
 from llama_mimi_tt.audio_sources import AudioItem, AudioSource
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
-from llama_mimi_tt.vocab import MIMI_CODEBOOK_SIZE
+from llama_mimi_tt.vocab import (
+    MIMI_CODEBOOK_SIZE,
+    MIMI_FRAME_RATE,
+    MIMI_SAMPLE_RATE,
+    check_codes,
+)
 
 CACHE_FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -114,8 +120,15 @@ def cut_long_audio(
     step = int(round(max_seconds * sample_rate))
     if long_files == "truncate":
         return [(0, wave[:step])]
-    min_piece = math.ceil(sample_rate / 12.5)
+    min_piece = math.ceil(sample_rate / MIMI_FRAME_RATE)
     return [(s, wave[s : s + step]) for s in range(0, n, step) if n - s >= min_piece or s == 0]
+
+
+@dataclass
+class _ItemCount:
+    pieces_left: int
+    rows: int = 0
+    samples: int = 0
 
 
 @dataclass
@@ -164,6 +177,100 @@ def skip_kind(error: Exception) -> str:
     return "invalid"
 
 
+class _EncodeRun:
+    """What one :func:`encode_items` call has made so far: rows, skipped items, and for each item
+    whose pieces are still being encoded, how many are left, rows made and samples encoded."""
+
+    def __init__(self, source, codec, max_seconds, long_files, progress, logger, normalised):
+        self.source, self.codec, self.progress, self.logger = source, codec, progress, logger
+        self.max_seconds, self.long_files, self.normalised = max_seconds, long_files, normalised
+        self.sample_rate = int(codec.sample_rate)
+        frame_rate = float(getattr(codec, "frame_rate", MIMI_FRAME_RATE))
+        self.frame_samples = math.ceil(self.sample_rate / frame_rate)
+        self.num_quantizers = getattr(codec, "num_quantizers", None)
+        self.rows: List[Dict[str, Any]] = []
+        self.skipped: List[Dict[str, str]] = []
+        self.in_flight: Dict[int, _ItemCount] = {}
+
+    def skip(self, item: AudioItem, kind: str, reason: str) -> None:
+        self.skipped.append(
+            {"id": item.id, "path": item.path or "", "kind": kind, "reason": reason}
+        )
+        if self.logger is not None:
+            self.logger.warning(f"skipping {item.id} ({kind}): {reason}")
+        if self.progress is not None:
+            self.progress(1, 0.0)
+
+    def pieces(self, order: Sequence[AudioItem]) -> Iterator[_Piece]:
+        """Reads, checks and cuts each item; yields its pieces, skipping what cannot be encoded."""
+        sr = self.sample_rate
+        for item in order:
+            if self.source.kind == "manifest" and not item.path:
+                where = f"line {item.line}" if item.line else f"the row of {item.id}"
+                self.skip(item, "missing", f"{self.source.location}, {where}: no audio path")
+                continue
+            report: Dict[str, float] = {}
+            try:
+                wave = self.source.read(item, sr, report)
+            except (OSError, ValueError, TypeError, RuntimeError) as e:
+                self.skip(item, skip_kind(e), str(e))
+                continue
+            if wave.shape[-1] < self.frame_samples:
+                ms = 1000 * wave.shape[-1] / sr
+                self.skip(item, "too short", f"{ms:.0f} ms: shorter than one Mimi frame (80 ms)")
+                continue
+            if "peak" in report and self.normalised is not None:
+                self.normalised.append(
+                    {"id": item.id, "path": item.path or "", "peak": report["peak"]}
+                )
+            cut = cut_long_audio(wave, sr, self.max_seconds, self.long_files)
+            self.in_flight[item.index] = _ItemCount(pieces_left=len(cut))
+            partial = len(cut) > 1 or cut[0][1].shape[-1] < wave.shape[-1]
+            for k, (start, piece) in enumerate(cut):
+                yield _Piece(item, k, start, piece, wave.shape[-1], partial)
+
+    def add(self, piece: _Piece, codes) -> None:
+        """Keeps the codes of one piece as a row; the item is done when its last piece is."""
+        c = torch.as_tensor(codes).detach().cpu()
+        item, sr, q = piece.item, self.sample_rate, self.num_quantizers
+        count = self.in_flight[item.index]
+        count.pieces_left -= 1
+        count.samples += piece.wave.shape[-1]
+        if c.dim() != 2 or (q is not None and c.shape[0] != q):
+            raise ValueError(f"the codec gave codes of shape {tuple(c.shape)}, not [{q}, F]")
+        if c.shape[-1] > 0:
+            check_codes(c, MIMI_CODEBOOK_SIZE, where=f"the codec's codes for {item.id}")
+            count.rows += 1
+            self.rows.append(
+                {
+                    "id": item.id,
+                    "segment": piece.segment,
+                    "partial": piece.partial,
+                    "codes": c.numpy().astype(np.uint16),
+                    "num_frames": int(c.shape[-1]),
+                    "text": item.text,
+                    "path": item.path or "",
+                    "start": piece.start / sr,
+                    "duration": piece.wave.shape[-1] / sr,
+                    "source_duration": piece.source_samples / sr,
+                    "_index": item.index,
+                }
+            )
+        if count.pieces_left == 0:
+            del self.in_flight[item.index]
+            if count.rows == 0:
+                self.skip(item, "too short", "shorter than one Mimi frame (80 ms)")
+            elif self.progress is not None:
+                self.progress(1, count.samples / sr)
+
+    def result(self) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]]]:
+        """``(rows, skipped)``, rows in source order (item index, then segment)."""
+        rows = sorted(self.rows, key=lambda r: (r["_index"], r["segment"]))
+        for r in rows:
+            del r["_index"]
+        return rows, self.skipped
+
+
 def encode_items(
     source: AudioSource,
     items: Sequence[AudioItem],
@@ -206,85 +313,15 @@ def encode_items(
             be read or is shorter than one Mimi frame, 80 ms (kind: missing, unreadable, empty,
             non-finite, too short, invalid).
     """
-    sr = int(codec.sample_rate)
-    frame_samples = math.ceil(sr / float(getattr(codec, "frame_rate", 12.5)))
-    q = getattr(codec, "num_quantizers", None)
+    run = _EncodeRun(source, codec, max_seconds, long_files, progress, logger, normalised)
+    sr = run.sample_rate
     order = sorted(items, key=lambda it: (source.seconds_hint(it), it.index))
-    skipped: List[Dict[str, str]] = []
-    rows: List[Dict[str, Any]] = []
-
-    def skip(item: AudioItem, kind: str, reason: str) -> None:
-        skipped.append({"id": item.id, "path": item.path or "", "kind": kind, "reason": reason})
-        if logger is not None:
-            logger.warning(f"skipping {item.id} ({kind}): {reason}")
-        if progress is not None:
-            progress(1, 0.0)
-
-    def pieces() -> Iterator[_Piece]:
-        for item in order:
-            if source.kind == "manifest" and not item.path:
-                where = f"line {item.line}" if item.line else f"the row of {item.id}"
-                skip(item, "missing", f"{source.location}, {where}: no audio path")
-                continue
-            report: Dict[str, float] = {}
-            try:
-                wave = source.read(item, sr, report)
-            except (OSError, ValueError, TypeError, RuntimeError) as e:
-                skip(item, skip_kind(e), str(e))
-                continue
-            if wave.shape[-1] < frame_samples:
-                ms = 1000 * wave.shape[-1] / sr
-                skip(item, "too short", f"{ms:.0f} ms: shorter than one Mimi frame (80 ms)")
-                continue
-            if "peak" in report and normalised is not None:
-                normalised.append({"id": item.id, "path": item.path or "", "peak": report["peak"]})
-            cut = cut_long_audio(wave, sr, max_seconds, long_files)
-            pending[item.index] = [len(cut), 0, 0]  # pieces left, rows made, samples encoded
-            partial = len(cut) > 1 or cut[0][1].shape[-1] < wave.shape[-1]
-            for k, (start, piece) in enumerate(cut):
-                yield _Piece(item, k, start, piece, wave.shape[-1], partial)
-
-    pending: Dict[int, List[int]] = {}
     max_batch_samples = int(max_batch_seconds * sr) if max_batch_seconds else None
-    for batch in _batches(pieces(), batch_size, max_batch_samples):
+    for batch in _batches(run.pieces(order), batch_size, max_batch_samples):
         codes = codec.encode_batch([p.wave for p in batch], sr, batch_size=len(batch))
         for piece, c in zip(batch, codes):
-            c = torch.as_tensor(c).detach().cpu()
-            item, state = piece.item, pending[piece.item.index]
-            state[0] -= 1
-            state[2] += piece.wave.shape[-1]
-            if c.dim() != 2 or (q is not None and c.shape[0] != q):
-                raise ValueError(f"the codec gave codes of shape {tuple(c.shape)}, not [{q}, F]")
-            if c.shape[-1] > 0:
-                if int(c.min()) < 0 or int(c.max()) >= MIMI_CODEBOOK_SIZE:
-                    raise ValueError(
-                        f"the codec gave codes outside 0..{MIMI_CODEBOOK_SIZE - 1} for {item.id}"
-                    )
-                state[1] += 1
-                rows.append(
-                    {
-                        "id": item.id,
-                        "segment": piece.segment,
-                        "partial": piece.partial,
-                        "codes": c.numpy().astype(np.uint16),
-                        "num_frames": int(c.shape[-1]),
-                        "text": item.text,
-                        "path": item.path or "",
-                        "start": piece.start / sr,
-                        "duration": piece.wave.shape[-1] / sr,
-                        "source_duration": piece.source_samples / sr,
-                        "_index": item.index,
-                    }
-                )
-            if state[0] == 0:
-                if state[1] == 0:
-                    skip(item, "too short", "shorter than one Mimi frame (80 ms)")
-                elif progress is not None:
-                    progress(1, state[2] / sr)
-    rows.sort(key=lambda r: (r["_index"], r["segment"]))
-    for r in rows:
-        del r["_index"]
-    return rows, skipped
+            run.add(piece, c)
+    return run.result()
 
 
 # ---- shards ------------------------------------------------------------------------------
@@ -466,6 +503,90 @@ def remove_stale_temporaries(output_dir: Path, timeout_s: float) -> int:
     return n
 
 
+def encode_shard(
+    path: Path,
+    source: AudioSource,
+    items: Sequence[AudioItem],
+    codec,
+    *,
+    claim_timeout_s: float = 3600.0,
+    progress: Optional[Callable[[int, float], None]] = None,
+    logger=None,
+    writer: Optional[dict] = None,
+    **encode_options: Any,
+) -> Tuple[Optional[dict], Optional[str]]:
+    """Claims shard ``path``, encodes its ``items`` (:func:`encode_items`) and writes it.
+
+    Returns ``(metadata, None)`` when this process wrote it, ``(None, "host:pid")`` when another
+    process holds its claim, and ``(None, None)`` when it was written meanwhile. ``writer``:
+    extra metadata (rank, host); the claim is refreshed at every ``progress`` step.
+    """
+    path = Path(path)
+    holder = claim_shard(path, claim_timeout_s)
+    if holder is not None:
+        return None, holder
+    try:
+        if shard_problem(path, read_rows=True) is None:  # written meanwhile
+            return None, None
+
+        def refresh(n: int, seconds: float) -> None:
+            refresh_claim(path)
+            if progress is not None:
+                progress(n, seconds)
+
+        normalised: List[dict] = []
+        rows, skipped = encode_items(
+            source, items, codec, progress=refresh, logger=logger, normalised=normalised,
+            **encode_options,
+        )  # fmt: skip
+        meta = shard_summary(len(items), rows, skipped, normalised, **(writer or {}))
+        write_shard(path, rows, meta)
+    finally:
+        release_claim(path)
+    return meta, None
+
+
+def shard_codes(path: Path) -> Iterator[Tuple[str, int, np.ndarray]]:
+    """``(id, segment, codes [Q, F] uint16)`` of every row of a shard."""
+    table = pq.read_table(path, columns=["id", "segment", "codes", "num_frames"])
+    columns = table.to_pydict()
+    for uid, segment, flat, frames in zip(
+        columns["id"], columns["segment"], columns["codes"], columns["num_frames"]
+    ):
+        yield uid, segment, np.asarray(flat, dtype=np.uint16).reshape(-1, frames)
+
+
+def codec_fingerprint(codec) -> str:
+    """A short hash that changes when the codec's weights or settings change, so that a code
+    cache is never reused across codecs (a random codec's seed, another Mimi checkpoint, Q)."""
+    h = hashlib.sha1()
+    h.update(type(codec).__name__.encode())
+    for attr in ("num_quantizers", "sample_rate", "frame_rate"):
+        h.update(f"{attr}={getattr(codec, attr, None)}".encode())
+    module = codec if isinstance(codec, torch.nn.Module) else getattr(codec, "model", None)
+    if isinstance(module, torch.nn.Module):
+        with torch.no_grad():
+            for name, t in sorted(module.state_dict().items()):
+                t = t.detach()
+                # name, shape, the first 16k values and the sum: cheap, and any other
+                # checkpoint or seed differs in them
+                head = t.flatten()[:16384].to("cpu", torch.float64).numpy().tobytes()
+                total = float(t.double().sum()) if t.is_floating_point() else float(t.sum())
+                h.update(f"{name}{tuple(t.shape)}{total!r}".encode() + head)
+    elif hasattr(codec, "fingerprint"):
+        h.update(str(codec.fingerprint).encode())
+    return h.hexdigest()[:16]
+
+
+def remove_cache(output_dir: Path) -> None:
+    """Deletes the files of a code cache (and only those) from ``output_dir``."""
+    output_dir = Path(output_dir)
+    names = [PLAN_FILE, MANIFEST_FILE, SKIPPED_FILE]
+    with writing(output_dir):
+        for f in [output_dir / n for n in names] + sorted(output_dir.glob("shard-*.parquet*")):
+            f.unlink(missing_ok=True)
+
+
 # ---- plan and manifest -------------------------------------------------------------------
 def check_or_write_plan(output_dir: Path, plan: dict) -> dict:
     """Writes ``plan.json`` for a new cache, or checks that a resumed run builds the same one.
@@ -492,6 +613,78 @@ def check_or_write_plan(output_dir: Path, plan: dict) -> dict:
             "settings to finish the existing cache."
         )
     return existing
+
+
+def start_cache(
+    output_dir: Path,
+    *,
+    num_shards: int,
+    shard_size: int,
+    num_quantizers: int,
+    num_items: int,
+    source: Optional[str] = None,
+    source_kind: Optional[str] = None,
+    items_fingerprint: Optional[str] = None,
+    codec: Any = None,
+    max_seconds: Optional[float] = None,
+    long_files: Optional[str] = None,
+    codebook_size: int = MIMI_CODEBOOK_SIZE,
+    sample_rate: int = MIMI_SAMPLE_RATE,
+    frame_rate: float = MIMI_FRAME_RATE,
+) -> dict:
+    """Writes ``plan.json`` of a new cache, or checks that a resumed run builds the same one.
+
+    The one place that names the cache's settings: :func:`finalize_cache` copies them into
+    ``cache.json`` beside the counts, and readers find them there.
+
+    Args:
+        codec: what identifies the codec (its config, or :func:`codec_fingerprint`).
+        others: what the cache holds and how it was cut (see the module docstring).
+
+    Raises:
+        UserError: ``output_dir`` holds a cache built with other settings or other items.
+    """
+    plan = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "source": source,
+        "source_kind": source_kind,
+        "num_items": int(num_items),
+        "items_fingerprint": items_fingerprint,
+        "shard_size": int(shard_size),
+        "num_shards": int(num_shards),
+        "num_quantizers": int(num_quantizers),
+        "codebook_size": int(codebook_size),
+        "sample_rate": int(sample_rate),
+        "frame_rate": float(frame_rate),
+        "codec": codec,
+        "max_seconds": max_seconds,
+        "long_files": long_files,
+        "codes_layout": "flat uint16, level-major [Q, num_frames]",
+    }
+    return check_or_write_plan(output_dir, plan)
+
+
+def shard_summary(
+    items: int,
+    rows: Sequence[Dict[str, Any]],
+    skipped: Sequence[dict] = (),
+    normalised: Sequence[dict] = (),
+    **extra: Any,
+) -> dict:
+    """The metadata a shard carries (summed by :func:`finalize_cache`): counts of its source
+    ``items``, encoded items, ``rows``, frames and seconds, its skipped and normalised items, and
+    ``extra`` (who wrote it)."""
+    meta = dict(extra)
+    meta.update(
+        items=items,
+        encoded_items=items - len(skipped),
+        rows=len(rows),
+        frames=sum(int(r["num_frames"]) for r in rows),
+        seconds=sum(float(r["duration"]) for r in rows),
+        skipped=list(skipped),
+        normalised=list(normalised),
+    )
+    return meta
 
 
 def cache_status(output_dir: Path) -> Tuple[dict, List[int]]:
@@ -631,17 +824,23 @@ def write_code_cache(
                 text=u.get("text"),
                 path=u.get("path", f"/audio/{u['id']}.wav"),
                 start=0.0,
-                duration=frames / 12.5,
-                source_duration=frames / 12.5,
+                duration=frames / MIMI_FRAME_RATE,
+                source_duration=frames / MIMI_FRAME_RATE,
             )
         )
     shards = [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
-    plan = {"format_version": CACHE_FORMAT_VERSION, "num_quantizers": num_quantizers}
-    plan.update(num_shards=len(shards), codebook_size=2048, sample_rate=24000, frame_rate=12.5)
-    check_or_write_plan(output_dir, plan)
+    start_cache(
+        output_dir,
+        num_shards=len(shards),
+        shard_size=shard_size,
+        num_quantizers=num_quantizers,
+        num_items=len(rows),
+        source_kind="codes",
+    )
     for k, shard in enumerate(shards):
-        meta = {"items": len(shard), "encoded_items": len(shard), "rows": len(shard)}
-        write_shard(output_dir / shard_name(k, len(shards)), shard, meta)
+        write_shard(
+            output_dir / shard_name(k, len(shards)), shard, shard_summary(len(shard), shard)
+        )
     if finalize_cache(output_dir) is None:
         raise RuntimeError(f"{output_dir}: the cache did not finalize")
     return output_dir

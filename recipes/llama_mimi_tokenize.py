@@ -26,34 +26,31 @@ counted.
 import socket
 import sys
 import time
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, utils
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from llama_mimi_tt.audio_sources import AUDIO_EXTENSIONS, open_audio_source
+from llama_mimi_tt.audio_sources import AUDIO_EXTENSIONS, AudioSource, open_audio_source
 from llama_mimi_tt.code_cache import (
-    CACHE_FORMAT_VERSION,
     LONG_FILE_RULES,
     SKIPPED_FILE,
-    check_or_write_plan,
-    claim_shard,
     distributed_rank_and_world_size,
-    encode_items,
+    encode_shard,
     finalize_cache,
-    refresh_claim,
-    release_claim,
     remove_stale_temporaries,
     shard_items,
     shard_name,
     shard_problem,
     shards_of_rank,
-    write_shard,
+    start_cache,
 )
 from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.recipe_config import check_number, check_output_dir, run_recipe
+from llama_mimi_tt.vocab import MIMI_CODEBOOK_SIZE
 
 log = utils.get_logger("INFO")
 
@@ -75,16 +72,8 @@ def check_settings(cfg: DictConfig) -> None:
     check_number(cfg, "claim_timeout_s", float, low=1, default=3600)
 
 
-def tokenize(cfg: DictConfig) -> Dict[str, Any]:
-    """Encodes this rank's missing shards and, when every shard exists, writes ``cache.json``.
-
-    Returns a summary of this run (``manifest`` is the cache manifest once complete)."""
-    check_settings(cfg)
-    rank, world_size = distributed_rank_and_world_size()
-    output_dir = check_output_dir(cfg.output_dir)
-    claim_timeout_s = float(cfg.get("claim_timeout_s", 3600))
-
-    # ---- setup: source, codec, plan -----------------------------------------------------
+def open_source(cfg: DictConfig) -> AudioSource:
+    """The source's items, failing when it holds none."""
     source = open_audio_source(
         str(cfg.source),
         source_type=cfg.get("source_type", "auto"),
@@ -104,161 +93,168 @@ def tokenize(cfg: DictConfig) -> Dict[str, Any]:
             )
         )
     log.info(f"{source.kind} source {source.location}: {len(source)} items")
+    return source
+
+
+def load_codec(cfg: DictConfig):
+    """``(codec, batch_size)``: the codec of the config, checked against num_quantizers."""
     codec = config.instantiate(cfg.codec)
     q = int(getattr(codec, "num_quantizers", cfg.num_quantizers))
     if q != cfg.num_quantizers:
         raise UserError(f"the codec gives {q} levels but num_quantizers={cfg.num_quantizers}")
-    log.info(f"rank {rank}/{world_size}: codec {codec}")
     batch_size = cfg.get("batch_size", "auto")
     if batch_size in (None, "auto"):
         # Batches pay on GPUs; on CPU Mimi is memory-bound and a batch is slower per second
         # of audio than single items (bench/bench_encode.py).
         batch_size = 16 if str(getattr(codec, "device", cfg.device)).startswith("cuda") else 1
+    return codec, int(batch_size)
 
+
+def plan_cache(cfg: DictConfig, output_dir: Path, source: AudioSource, codec) -> List[Sequence]:
+    """Cuts the source into shards and writes (or checks, when resuming) the cache's plan."""
     shards = shard_items(source.items, int(cfg.shard_size))
     codec_cfg = OmegaConf.to_container(cfg.codec, resolve=True)
     codec_cfg.pop("device", None)  # where it runs does not change what is built
-    plan = {
-        "format_version": CACHE_FORMAT_VERSION,
-        "source": source.location,
-        "source_kind": source.kind,
-        "num_items": len(source),
-        "items_fingerprint": source.fingerprint(),
-        "shard_size": int(cfg.shard_size),
-        "num_shards": len(shards),
-        "num_quantizers": q,
-        "codebook_size": int(getattr(codec, "codebook_size", 2048)),
-        "sample_rate": int(codec.sample_rate),
-        "frame_rate": float(codec.frame_rate),
-        "codec": codec_cfg,
-        "max_seconds": cfg.max_seconds,
-        "long_files": cfg.long_files,
-        "codes_layout": "flat uint16, level-major [Q, num_frames]",
-    }
-    check_or_write_plan(output_dir, plan)
+    start_cache(
+        output_dir,
+        num_shards=len(shards),
+        shard_size=int(cfg.shard_size),
+        num_quantizers=int(cfg.num_quantizers),
+        num_items=len(source),
+        source=source.location,
+        source_kind=source.kind,
+        items_fingerprint=source.fingerprint(),
+        codec=codec_cfg,
+        max_seconds=cfg.max_seconds,
+        long_files=cfg.long_files,
+        codebook_size=int(getattr(codec, "codebook_size", MIMI_CODEBOOK_SIZE)),
+        sample_rate=int(codec.sample_rate),
+        frame_rate=float(codec.frame_rate),
+    )
+    return shards
 
-    remove_stale_temporaries(output_dir, claim_timeout_s)
-    mine = shards_of_rank(len(shards), rank, world_size)
+
+def shards_to_encode(output_dir: Path, num_shards: int, rank: int, world_size: int) -> List[int]:
+    """This rank's shards that are missing or corrupt."""
+    mine = shards_of_rank(num_shards, rank, world_size)
     todo = []
     for k in mine:
-        path = output_dir / shard_name(k, len(shards))
+        path = output_dir / shard_name(k, num_shards)
         problem = shard_problem(path, read_rows=True)
         if problem not in (None, "missing"):
             log.warning(f"{path} is {problem}: encoding it again")
         if problem:
             todo.append(k)
     log.info(
-        f"rank {rank}: {len(mine)} of {len(shards)} shards are mine, "
+        f"rank {rank}: {len(mine)} of {num_shards} shards are mine, "
         f"{len(mine) - len(todo)} already done, {len(todo)} to encode"
     )
-    max_shards = cfg.get("max_shards")
+    return todo
 
-    # ---- encode, one shard at a time --------------------------------------------------------
+
+def encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank) -> Dict[str, Any]:
+    """Encodes the ``todo`` shards one at a time (each claimed first); returns this run's counts."""
+    run = {"shards_written": 0, "files_skipped": 0, "files_normalised": 0, "audio_seconds": 0.0}
     total = sum(len(shards[k]) for k in todo)
     pbar = tqdm(total=total, unit="file", desc=f"Encoding (rank {rank})", disable=rank != 0)
-    t0, seconds, num_skipped, num_normalised, written = time.perf_counter(), 0.0, 0, 0, 0
-    shard_path = None
+    t0 = time.perf_counter()
 
     def progress(n: int, audio_seconds: float) -> None:
-        nonlocal seconds
-        seconds += audio_seconds
-        refresh_claim(shard_path)
+        run["audio_seconds"] += audio_seconds
         pbar.update(n)
-        pbar.set_postfix(audio_s_per_s=f"{seconds / max(time.perf_counter() - t0, 1e-9):.1f}")
+        speed = run["audio_seconds"] / max(time.perf_counter() - t0, 1e-9)
+        pbar.set_postfix(audio_s_per_s=f"{speed:.1f}")
 
+    max_shards = cfg.get("max_shards")
     with logging_redirect_tqdm(loggers=[log]):  # log lines above the bar
         for k in todo:
-            if max_shards is not None and written >= int(max_shards):
+            if max_shards is not None and run["shards_written"] >= int(max_shards):
                 break
-            items = shards[k]
-            shard_path = output_dir / shard_name(k, len(shards))
-            holder = claim_shard(shard_path, claim_timeout_s)
-            if holder is not None:
-                log.info(f"{shard_path.name}: another process ({holder}) is encoding it")
-                pbar.update(len(items))
+            path = output_dir / shard_name(k, len(shards))
+            meta, holder = encode_shard(
+                path,
+                source,
+                shards[k],
+                codec,
+                claim_timeout_s=float(cfg.get("claim_timeout_s", 3600)),
+                progress=progress,
+                logger=log,
+                writer={"shard": k, "rank": rank, "host": socket.gethostname()},
+                max_seconds=cfg.max_seconds,
+                long_files=cfg.long_files,
+                batch_size=batch_size,
+                max_batch_seconds=cfg.get("max_batch_seconds"),
+            )
+            if meta is None:
+                if holder is not None:
+                    log.info(f"{path.name}: another process ({holder}) is encoding it")
+                pbar.update(len(shards[k]))
                 continue
-            try:
-                if shard_problem(shard_path, read_rows=True) is None:  # written meanwhile
-                    pbar.update(len(items))
-                    continue
-                normalised = []
-                rows, skipped = encode_items(
-                    source,
-                    items,
-                    codec,
-                    max_seconds=cfg.max_seconds,
-                    long_files=cfg.long_files,
-                    batch_size=int(batch_size),
-                    max_batch_seconds=cfg.get("max_batch_seconds"),
-                    progress=progress,
-                    logger=log,
-                    normalised=normalised,
-                )
-                meta = {
-                    "shard": k,
-                    "rank": rank,
-                    "host": socket.gethostname(),
-                    "items": len(items),
-                    "encoded_items": len(items) - len(skipped),
-                    "rows": len(rows),
-                    "frames": sum(r["num_frames"] for r in rows),
-                    "seconds": sum(r["duration"] for r in rows),
-                    "skipped": skipped,
-                    "normalised": normalised,
-                }
-                write_shard(shard_path, rows, meta)
-            finally:
-                release_claim(shard_path)
-            written += 1
-            num_skipped += len(skipped)
-            num_normalised += len(normalised)
+            run["shards_written"] += 1
+            run["files_skipped"] += len(meta["skipped"])
+            run["files_normalised"] += len(meta["normalised"])
             log.info(
-                f"rank {rank}: wrote {shard_path.name} ({len(rows)} rows, "
-                f"{meta['seconds']:.1f} s of audio, {len(skipped)} skipped)"
+                f"rank {rank}: wrote {path.name} ({meta['rows']} rows, "
+                f"{meta['seconds']:.1f} s of audio, {len(meta['skipped'])} skipped)"
             )
     pbar.close()
-    elapsed = time.perf_counter() - t0
+    elapsed, seconds = time.perf_counter() - t0, run["audio_seconds"]
     log.info(
-        f"rank {rank}: encoded {written} shards, {seconds / 3600:.3f} h of audio in "
-        f"{elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f} audio s/s), "
-        f"{num_skipped} files skipped, {num_normalised} normalised (peak above 2.0)"
+        f"rank {rank}: encoded {run['shards_written']} shards, {seconds / 3600:.3f} h of audio "
+        f"in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f} audio s/s), "
+        f"{run['files_skipped']} files skipped, {run['files_normalised']} normalised "
+        "(peak above 2.0)"
     )
+    return run
 
-    # ---- finish: the manifest, once every shard exists --------------------------------------
+
+def finish(output_dir: Path, num_shards: int, num_quantizers: int):
+    """Writes ``cache.json`` once every shard exists (None before); fails on an empty cache."""
     manifest = finalize_cache(output_dir)
     if manifest is None:
         left = sum(
-            shard_problem(output_dir / shard_name(k, len(shards))) is not None
-            for k in range(len(shards))
+            shard_problem(output_dir / shard_name(k, num_shards)) is not None
+            for k in range(num_shards)
         )
         log.info(
             f"{left} shards are not written yet: other ranks or processes may still be "
             "encoding them; if every one has finished (max_shards, an interruption), run the "
             "same command again to finish the cache"
         )
-    else:
-        c = manifest["counts"]
-        if c["encoded_items"] == 0:
-            raise UserError(
-                f"every one of the {c['items']} source items was skipped "
-                f"({manifest['skipped_by_reason']}), so the code cache {output_dir} is empty. "
-                f"Each item's reason is in {output_dir / SKIPPED_FILE}; fix the audio or the "
-                "source, and tokenize into a new output_dir (or delete this one)."
-            )
-        log.info(
-            f"code cache complete: {output_dir} -- {c['encoded_items']} of {c['items']} files, "
-            f"{c['rows']} rows, {c['hours']:.3f} h, Q={q}; skipped {c['skipped']}"
-            + (f" {manifest['skipped_by_reason']}" if c["skipped"] else "")
-            + f"; normalised {c['normalised']}"
+        return None
+    c = manifest["counts"]
+    if c["encoded_items"] == 0:
+        raise UserError(
+            f"every one of the {c['items']} source items was skipped "
+            f"({manifest['skipped_by_reason']}), so the code cache {output_dir} is empty. "
+            f"Each item's reason is in {output_dir / SKIPPED_FILE}; fix the audio or the "
+            "source, and tokenize into a new output_dir (or delete this one)."
         )
-    return {
-        "rank": rank,
-        "shards_written": written,
-        "files_skipped": num_skipped,
-        "files_normalised": num_normalised,
-        "audio_seconds": seconds,
-        "manifest": manifest,
-    }
+    log.info(
+        f"code cache complete: {output_dir} -- {c['encoded_items']} of {c['items']} files, "
+        f"{c['rows']} rows, {c['hours']:.3f} h, Q={num_quantizers}; skipped {c['skipped']}"
+        + (f" {manifest['skipped_by_reason']}" if c["skipped"] else "")
+        + f"; normalised {c['normalised']}"
+    )
+    return manifest
+
+
+def tokenize(cfg: DictConfig) -> Dict[str, Any]:
+    """Encodes this rank's missing shards and, when every shard exists, writes ``cache.json``.
+
+    Returns a summary of this run (``manifest`` is the cache manifest once complete)."""
+    check_settings(cfg)
+    rank, world_size = distributed_rank_and_world_size()
+    output_dir = check_output_dir(cfg.output_dir)
+    source = open_source(cfg)
+    codec, batch_size = load_codec(cfg)
+    log.info(f"rank {rank}/{world_size}: codec {codec}")
+    shards = plan_cache(cfg, output_dir, source, codec)
+    remove_stale_temporaries(output_dir, float(cfg.get("claim_timeout_s", 3600)))
+    todo = shards_to_encode(output_dir, len(shards), rank, world_size)
+    run = encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank)
+    manifest = finish(output_dir, len(shards), int(cfg.num_quantizers))
+    return {"rank": rank, **run, "manifest": manifest}
 
 
 @config.parse
