@@ -50,13 +50,14 @@ class AudioItem:
     text: Optional[str] = None
     row: Optional[int] = None  # row of a Hugging Face dataset
     line: Optional[int] = None  # line of a manifest
+    fields: Optional[Dict[str, Any]] = None  # the manifest's row, other columns included
 
 
 class AudioSource:
     """The items of a source and how to read each one as mono float audio.
 
     Args:
-        kind (str): ``folder``, ``manifest`` or ``hf``.
+        kind (str): ``folder``, ``manifest``, ``hf`` or ``files`` (a list of files).
         location (str): what the user gave as ``source``.
         items (List[AudioItem]): in source order.
         dataset: the Hugging Face dataset (``kind == "hf"``), audio column not decoded.
@@ -218,7 +219,8 @@ def _manifest_items(
         else:  # a row without a path gets its line as id (and is skipped when encoding)
             uid = Path(rel).with_suffix("").as_posix() if rel else f"line-{n}"
         text = _text_or_none(rec.get(text_column)) if text_column else None
-        items.append(AudioItem(index=i, id=uid, path=str(p) if rel else "", text=text, line=n))
+        path = str(p) if rel else ""
+        items.append(AudioItem(index=i, id=uid, path=path, text=text, line=n, fields=rec))
     _check_unique_ids(items, str(manifest))
     return items
 
@@ -269,6 +271,13 @@ def _hf_items(
     ]
     _check_unique_ids(items, source)
     return ds, items
+
+
+def open_audio_files(paths: Sequence[str], location: str = "audio files") -> AudioSource:
+    """A source of the given files, in the given order; each file's id is its path."""
+    items = [AudioItem(index=i, id=str(p), path=str(p)) for i, p in enumerate(paths)]
+    _check_unique_ids(items, location)
+    return AudioSource("files", location, items)
 
 
 def open_audio_source(

@@ -44,7 +44,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -55,7 +54,7 @@ from torchtune import utils
 from tqdm import tqdm
 
 from llama_mimi_tt.benchmarks import Pair
-from llama_mimi_tt.errors import writing
+from llama_mimi_tt.errors import UserError, writing
 from llama_mimi_tt.generation import decoder_hidden
 from llama_mimi_tt.vocab import MIMI_FRAME_RATE, MimiVocab
 
@@ -298,121 +297,103 @@ def pair_outcome(positive: float, negative: float, tie_tolerance: float = 0.0) -
 # =============================================================================================
 # Audio -> codes, once, through a cache
 # =============================================================================================
-def codec_fingerprint(codec) -> str:
-    """A short hash that changes when the codec's weights or settings change, so that a code
-    cache is never reused across codecs (a random codec's seed, another Mimi checkpoint, Q)."""
-    h = hashlib.sha1()
-    h.update(type(codec).__name__.encode())
-    for attr in ("num_quantizers", "sample_rate", "frame_rate"):
-        h.update(f"{attr}={getattr(codec, attr, None)}".encode())
-    module = codec if isinstance(codec, torch.nn.Module) else getattr(codec, "model", None)
-    if isinstance(module, torch.nn.Module):
-        with torch.no_grad():
-            for name, t in sorted(module.state_dict().items()):
-                t = t.detach()
-                # name, shape, the first 16k values and the sum: cheap, and any other
-                # checkpoint or seed differs in them
-                head = t.flatten()[:16384].to("cpu", torch.float64).numpy().tobytes()
-                total = float(t.double().sum()) if t.is_floating_point() else float(t.sum())
-                h.update(f"{name}{tuple(t.shape)}{total!r}".encode() + head)
-    elif hasattr(codec, "fingerprint"):
-        h.update(str(codec.fingerprint).encode())
-    return h.hexdigest()[:16]
-
-
-def _file_key(path: str | Path) -> str:
-    p = Path(path).resolve()
-    st = p.stat()
-    return f"{p}|{st.st_size}|{st.st_mtime_ns}"
-
-
 def encode_audio_files(
     paths: Sequence[str | Path],
     codec,
-    cache_file: Optional[str | Path] = None,
+    cache_dir: Optional[str | Path] = None,
     batch_size: int = 8,
     progress: bool = True,
     save_every: int = 256,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Mimi codes of audio files, each encoded once and kept in a cache file.
+    """Mimi codes of audio files, each encoded once and kept in a code cache.
 
-    The encoding itself is the tokenize recipe's (``code_cache.encode_items``: files read,
-    checked, mixed down and resampled by ``llama_mimi_tt.audio``, batched by length,
-    unreadable ones skipped with their reason). Its sharded corpus cache is made for streaming
-    a training set in order; a benchmark needs codes by file, so they are kept here in one
-    ``.pt`` file keyed by path, size and modification time.
+    Encoding is the tokenize recipe's (``code_cache.encode_items``: files read, checked, mixed
+    down and resampled, batched by length, unreadable ones skipped with their reason), and so is
+    the cache: ``cache_dir`` is a code cache of whole files, ``save_every`` files a shard, whose
+    plan records the codec's fingerprint and each file's path, size and modification time. A
+    later run reads it, an interrupted one finishes it, and a changed file or codec makes it
+    encode everything again. ``None``: no cache.
 
     Args:
         paths: audio files.
         codec: a ``MimiCodec`` (``sample_rate``, ``encode_batch(waves, sr, batch_size=...)``).
-        cache_file: the ``.pt`` cache; files already in it (same path, size, modification time
-            and same codec weights) are not encoded again. Written every ``save_every`` new files
-            and at the end (atomically), so an interrupted run keeps its work. ``None``: no cache.
+        cache_dir: the code cache folder (one per set of files), or ``None``.
         batch_size: files per encoder call.
         progress: tqdm bar.
-        save_every: files between cache saves.
+        save_every: files per shard (work kept when interrupted).
 
     Returns:
         ``(codes, errors)``: ``{path: int16 codes [Q, F]}`` of every file that could be encoded,
         and ``{path: reason}`` of those that could not (missing, empty, NaN, undecodable).
     """
-    from llama_mimi_tt.audio_sources import AudioItem, AudioSource
+    from llama_mimi_tt.audio_sources import open_audio_files
     from llama_mimi_tt.code_cache import encode_items
 
-    fingerprint = codec_fingerprint(codec)
-    cache: Dict[str, torch.Tensor] = {}
-    cache_file = Path(cache_file) if cache_file else None
-    if cache_file is not None and cache_file.is_file():
-        blob = torch.load(cache_file, map_location="cpu", weights_only=True)
-        if blob.get("fingerprint") == fingerprint:
-            cache = dict(blob["codes"])
-        else:
-            log.info(f"{cache_file} was made with another codec; encoding again")
-    unique = list(dict.fromkeys(str(p) for p in paths))
-    keys: Dict[str, str] = {}
-    errors: Dict[str, str] = {}
-    for p in unique:
+    files, errors = [], {}
+    stats = hashlib.sha256()  # what the cache is for: each file's path, size and mtime
+    for p in dict.fromkeys(str(p) for p in paths):
         try:
-            keys[p] = _file_key(p)
+            st = Path(p).stat()
         except OSError as e:
             errors[p] = f"FileNotFoundError: {e}"
             log.warning(f"skipping {p}: {e}")
-    todo = [p for p in keys if keys[p] not in cache]
-    if cache_file is not None and len(todo) < len(keys):
-        log.info(f"code cache {cache_file}: {len(keys) - len(todo)} of {len(keys)} files cached")
-
-    def save():
-        if cache_file is None:
-            return
-        tmp = cache_file.with_name(cache_file.name + f".tmp-{os.getpid()}")
-        with writing(cache_file):
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"fingerprint": fingerprint, "codes": cache}, tmp)
-            os.replace(tmp, cache_file)
-
-    pbar = tqdm(
-        total=len(todo), desc="encoding audio", disable=not progress or not todo, unit="file"
-    )
-    for c0 in range(0, len(todo), save_every):
-        chunk = todo[c0 : c0 + save_every]
-        items = [AudioItem(index=i, id=p, path=p) for i, p in enumerate(chunk)]
-        rows, skipped = encode_items(
-            AudioSource("manifest", "benchmark audio", items),
-            items,
-            codec,
-            max_seconds=None,  # whole files: max_seconds is applied to the codes, when scoring
-            batch_size=batch_size,
-            progress=lambda n, seconds: pbar.update(n),
-            logger=log,
+            continue
+        files.append(p)
+        stats.update(f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    source = open_audio_files(files, "benchmark audio")
+    pbar = tqdm(total=len(files), desc="encoding audio", disable=not progress or not files)
+    options = dict(max_seconds=None, batch_size=batch_size, logger=log)  # whole files
+    options["progress"] = lambda n, seconds: pbar.update(n)
+    if cache_dir is None:
+        rows, skipped = encode_items(source, source.items, codec, **options)
+        codes = {r["id"]: r["codes"] for r in rows}
+    else:
+        fingerprint = stats.hexdigest()[:16]
+        codes, skipped = _cached_codes(
+            Path(cache_dir), source, codec, fingerprint, save_every, pbar, options
         )
-        for r in rows:
-            cache[keys[r["path"]]] = torch.from_numpy(r["codes"].astype("int16"))
-        for sk in skipped:
-            errors[sk["path"]] = sk["reason"]
-        save()
     pbar.close()
-    codes = {p: cache[keys[p]] for p in keys if keys[p] in cache}
-    return codes, errors
+    errors.update({s["path"]: s["reason"] for s in skipped})
+    return {p: torch.from_numpy(codes[p].astype("int16")) for p in files if p in codes}, errors
+
+
+def _cached_codes(cache_dir, source, codec, files_fingerprint, shard_size, pbar, options):
+    """``(codes by id, skipped)`` of a source through the code cache ``cache_dir``: shards that
+    exist are read, the others encoded; a cache of other files or another codec is replaced."""
+    from llama_mimi_tt import code_cache as cc
+
+    shards = cc.shard_items(source.items, shard_size)
+    settings = dict(
+        num_shards=len(shards),
+        shard_size=shard_size,
+        num_quantizers=int(codec.num_quantizers),
+        num_items=len(source),
+        source=source.location,
+        source_kind=source.kind,
+        items_fingerprint=files_fingerprint,
+        codec=cc.codec_fingerprint(codec),
+        sample_rate=int(codec.sample_rate),
+        frame_rate=float(getattr(codec, "frame_rate", MIMI_FRAME_RATE)),
+    )
+    try:
+        cc.start_cache(cache_dir, **settings)
+    except UserError:
+        log.info(f"{cache_dir} holds the codes of other files or another codec: encoding again")
+        cc.remove_cache(cache_dir)
+        cc.start_cache(cache_dir, **settings)
+    codes, skipped = {}, []
+    for k, items in enumerate(shards):
+        path = cache_dir / cc.shard_name(k, len(shards))
+        if cc.shard_problem(path) is None:
+            pbar.update(len(items))
+        else:
+            _, holder = cc.encode_shard(path, source, items, codec, **options)
+            if holder is not None:
+                raise UserError(f"{path}: another process ({holder}) is encoding it; wait for it")
+        skipped += cc.shard_metadata(path)["skipped"]
+        codes.update({uid: c for uid, _, c in cc.shard_codes(path)})
+    cc.finalize_cache(cache_dir)
+    return codes, skipped
 
 
 # =============================================================================================

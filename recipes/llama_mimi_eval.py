@@ -39,9 +39,9 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
 from llama_mimi_tt.benchmarks import SUITES, read_suite
+from llama_mimi_tt.code_cache import codec_fingerprint
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
 from llama_mimi_tt.evaluation import (
-    codec_fingerprint,
     encode_audio_files,
     format_table,
     score_pairs,
@@ -91,7 +91,7 @@ def run_suites(cfg: DictConfig, suites: dict, model, tokenizer, codec, device) -
         codes, errors = encode_audio_files(
             paths,
             codec,
-            cache_file=cache_dir / f"{key}-{fingerprint}.pt",
+            cache_dir=cache_dir / f"{key}-{fingerprint}",
             batch_size=cfg.get("encode_batch_size", 8),
         )
         skipped_files.update(errors)

@@ -365,13 +365,17 @@ def test_salmon_folder_end_to_end_with_code_cache(trained, tokenizer, tmp_path):
     write_codes_wav(root / subsets[1] / "sample_3_1.wav", pattern_codes(4))
     pairs = read_salmon(root, subsets=subsets)
     paths = [p for pair in pairs for p in (pair.positive, pair.negative)]
-    codec, cache = FakeCodec(), tmp_path / "codes.pt"
-    codes, errors = encode_audio_files(paths, codec, cache_file=cache, progress=False)
+    codec, cache = FakeCodec(), tmp_path / "codes"
+    codes, errors = encode_audio_files(paths, codec, cache_dir=cache, progress=False)
     assert list(errors) == [str(root / subsets[1] / "sample_3_0.wav")]
     assert torch.equal(codes[pairs[0].positive].long(), pattern_codes(5, phase=0))
     calls = codec.calls
-    again, _ = encode_audio_files(paths, codec, cache_file=cache, progress=False)
+    again, _ = encode_audio_files(paths, codec, cache_dir=cache, progress=False)
     assert codec.calls == calls and again.keys() == codes.keys()  # second run: from the cache
+    write_codes_wav(root / subsets[0] / "sample_0_0.wav", pattern_codes(6, phase=3))  # changed
+    changed, _ = encode_audio_files(paths, codec, cache_dir=cache, progress=False)
+    assert codec.calls > calls and changed.keys() == codes.keys()
+    assert torch.equal(changed[pairs[0].positive].long(), pattern_codes(6, phase=3))
 
     records = score_pairs(trained, tokenizer, pairs, codes, batch_size=4, progress=False)
     summary = summarize(records)
@@ -421,7 +425,7 @@ def test_recipe_runs_a_suite_and_names_the_layout_on_error(tmp_path, monkeypatch
     assert st["overall"]["pairs"] == 3 and st["mode"] == "semantic" and st["include_markers"]
     assert 0.0 <= st["overall"]["accuracy"] <= 1.0
     assert len((out / "pairs.jsonl").read_text().splitlines()) == 3
-    assert list((out / "codes").glob("sstorycloze-*.pt"))
+    assert list((out / "codes").glob("sstorycloze-*/cache.json"))
 
     monkeypatch.setattr(sys, "argv", args[:4] + [f"suites.salmon.path={tmp_path / 'sSC'}"])
     with pytest.raises(LayoutError, match=r"Expected layout: SALMon.*sample_<index>_<option>.wav"):
