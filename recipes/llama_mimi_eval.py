@@ -123,39 +123,28 @@ def read_prompts(source: str, max_prompts=None) -> list:
     """Prompts for generation: a folder of audio files, or a ``.jsonl`` / ``.csv`` manifest with
     a ``path`` column (relative to the manifest), optional ``id``, and optional ``continuation``
     (an existing continuation file: generation is then skipped for that row)."""
-    from llama_mimi_tt.audio_sources import AUDIO_EXTENSIONS
+    from llama_mimi_tt.audio_sources import open_audio_source
 
     p = Path(str(source)).expanduser()
-    items = []
     if p.is_dir():
-        files = sorted(
-            f
-            for f in p.rglob("*")
-            if f.is_file() and f.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS
-        )
-        items = [{"id": f.relative_to(p).with_suffix("").as_posix(), "path": str(f)} for f in files]
+        kind = "folder"
     elif p.is_file() and p.suffix.lower() in (".jsonl", ".csv"):
-        import csv
-
-        with open(p, encoding="utf-8", newline="") as f:
-            if p.suffix.lower() == ".csv":
-                rows = list(csv.DictReader(f))
-            else:
-                rows = [json.loads(line) for line in f if line.strip()]
-        for i, row in enumerate(rows):
-            if not row.get("path"):
-                raise UserError(f"{p}, row {i + 1}: no 'path' (the prompt audio file)")
-            item = {"id": str(row.get("id") or Path(row["path"]).with_suffix("").as_posix())}
-            for col in ("path", "continuation"):
-                if row.get(col):
-                    q = Path(row[col]).expanduser()
-                    item[col] = str(q if q.is_absolute() else p.parent / q)
-            items.append(item)
+        kind = "manifest"
     else:
         raise MissingFileError(
             f"generation.prompts {p} is neither a folder of audio files nor a .jsonl/.csv "
             "manifest (columns: path, optional id and continuation)"
         )
+    items = []
+    for it in open_audio_source(str(p), source_type=kind, text_column=None).items:
+        if not it.path:
+            raise UserError(f"{p}, line {it.line}: no 'path' (the prompt audio file)")
+        item = {"id": it.id, "path": it.path}
+        continuation = (it.fields or {}).get("continuation")
+        if continuation:
+            q = Path(str(continuation)).expanduser()
+            item["continuation"] = str(q if q.is_absolute() else p.parent / q)
+        items.append(item)
     if not items:
         raise UserError(f"generation.prompts {p}: no audio files found")
     return items[:max_prompts] if max_prompts else items
