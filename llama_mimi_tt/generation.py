@@ -1,29 +1,14 @@
 """Interleaved sampling of Llama-Mimi audio tokens with a static KV cache (gpt-fast style).
 
-The reference samples freely over the whole ~136k vocabulary and parses what comes out. Here
-every step can only draw an id that is valid at that position of the token stream:
+Each step draws only among the ids valid at its position (level 0: the level-0 codes, plus
+``</audio>`` when stopping is allowed; level q: the level-q codes), so every frame is well formed
+by construction, and the logits are computed for that ``[C, D]`` slice of the output projection
+only (``LevelHeads``; 2048 rows instead of 136450 for Llama 3 with Q = 4): that is the speed.
 
-    step in frame   ids that can be drawn
-    level 0         the 2048 level-0 codes (+ ``</audio>`` when stopping is allowed)
-    level q >= 1    the 2048 level-q codes
+The Gumbel noise is a hash of ``(seed_b, step, index)``: a run is reproducible from its seeds, a
+sample does not depend on its batch, and no ``torch.Generator`` lives inside a compiled graph.
 
-so every generated frame is well formed by construction. This is also where the speed comes
-from: the logits are computed only for the current level, a ``[C, D]`` slice of the output
-projection gathered once into a contiguous copy (``LevelHeads``), instead of the full
-``[V, D]`` projection (V = 136450 for Llama 3 with Q = 4): for the 1B model that is 2048 rows
-read per token instead of 136450.
-
-Randomness is counter based: the Gumbel noise for sample ``b`` at generated token ``n`` is a
-hash of ``(seed_b, n, index)``. A run is reproducible from its seeds, a sample's tokens do not
-depend on the other samples of its batch (batched == single), the noise costs a few integer
-ops on the device, and no ``torch.Generator`` state has to live inside a compiled graph.
-
-Example::
-
-    vocab = MimiVocab(text_vocab_size=512, num_quantizers=4)
-    model = llama_mimi_tiny().eval()
-    prompt = torch.tensor([[bos_id, vocab.audio_start_id]])
-    out = generate(model, prompt, vocab, max_new_frames=50, seed=0)
+    out = generate(model, tokenizer.prompt_ids(codes), tokenizer.vocab, max_new_frames=50)
     codes = out.new_codes(0)          # [Q, F] of the generated frames
 """
 
