@@ -204,27 +204,40 @@ class SequenceBuilder:
         return {"tokens": tokens, "labels": labels, "audio_start": a}
 
 
-def _codes_of(
-    flat: np.ndarray, cache_q: int, num_frames: int, q: int, codebook_size: int, where: str
-) -> np.ndarray:
-    """The first ``q`` levels ``[q, F]`` of a cache row's flat codes, checked."""
-    if flat.size != cache_q * num_frames:
-        raise ValueError(
-            f"{where}: {flat.size} codes stored for {num_frames} frames of {cache_q} levels; "
-            "the cache is corrupt. Rebuild it."
-        )
-    codes = flat[: q * num_frames].reshape(q, num_frames)
-    try:
-        check_codes(codes, codebook_size, where)
-    except ValueError as e:
-        raise ValueError(
-            f"{e}; the cache is corrupt or was not made by llama_mimi_tokenize. Rebuild it."
-        ) from None
-    return codes
+class _CacheRowSamples:
+    """What the map-style and the streaming datasets share: the sample builder, the levels
+    used, and the checked read of a cache row's codes."""
+
+    def _set_up_samples(
+        self, tokenizer, cache_q: int, task: str, max_seq_len, long_utterances: str, name: str
+    ) -> None:
+        self.name = name
+        self.builder = SequenceBuilder(tokenizer, task, max_seq_len, long_utterances)
+        self.cache_q = cache_q
+        self.q = _check_q(tokenizer, cache_q, name)
+        self.codebook_size = tokenizer.vocab.codebook_size
+        self.skipped: Dict[str, int] = {}
+
+    def _codes(self, flat: np.ndarray, num_frames: int, uid) -> np.ndarray:
+        """The first Q levels ``[Q, F]`` of a cache row's flat codes, checked."""
+        where = f"{self.name}, utterance {uid}"
+        if flat.size != self.cache_q * num_frames:
+            raise ValueError(
+                f"{where}: {flat.size} codes stored for {num_frames} frames of {self.cache_q} "
+                "levels; the cache is corrupt. Rebuild it."
+            )
+        codes = flat[: self.q * num_frames].reshape(self.q, num_frames)
+        try:
+            check_codes(codes, self.codebook_size, where)
+        except ValueError as e:
+            raise ValueError(
+                f"{e}; the cache is corrupt or was not made by llama_mimi_tokenize. Rebuild it."
+            ) from None
+        return codes
 
 
 # ---- map-style ----------------------------------------------------------------------------
-class AudioTokenDataset(Dataset):
+class AudioTokenDataset(_CacheRowSamples, Dataset):
     """Map-style dataset of Llama-Mimi samples over an Arrow-backed ``datasets.Dataset`` of
     code rows (memory-mapped: codes are read per item, never all at once).
 
@@ -253,12 +266,7 @@ class AudioTokenDataset(Dataset):
         drop_empty_text: bool = False,
         name: str = "dataset",
     ):
-        self.name = name
-        self.builder = SequenceBuilder(tokenizer, task, max_seq_len, long_utterances)
-        self.cache_q = cache_q
-        self.q = _check_q(tokenizer, cache_q, name)
-        self.codebook_size = tokenizer.vocab.codebook_size
-        self.skipped: Dict[str, int] = {}
+        self._set_up_samples(tokenizer, cache_q, task, max_seq_len, long_utterances, name)
 
         if rows._indices is not None:  # a selection: make row i of the table row i
             rows = rows.flatten_indices()
@@ -323,8 +331,7 @@ class AudioTokenDataset(Dataset):
         uid = row.column("id")[0].as_py()
         n_frames = row.column("num_frames")[0].as_py()
         flat = row.column("codes")[0].values.to_numpy(zero_copy_only=False)
-        where = f"{self.name}, utterance {uid}"
-        codes = _codes_of(flat, self.cache_q, n_frames, self.q, self.codebook_size, where)
+        codes = self._codes(flat, n_frames, uid)
         text = row.column("text")[0].as_py() if self.builder.task == "tts" and chunk == 0 else None
         return self.builder.sample(codes, self.builder.text_ids(text), chunk, int(self._first[k]))
 
@@ -442,7 +449,7 @@ class AudioPackedDataset(PackedDataset):
 
 
 # ---- streaming ----------------------------------------------------------------------------
-class AudioTokenIterableDataset(IterableDataset):
+class AudioTokenIterableDataset(_CacheRowSamples, IterableDataset):
     """Streams samples (or packs) from the parquet shards of a code cache.
 
     Rows are read shard by shard (``datasets`` streaming), divided among nodes and ranks with
@@ -476,9 +483,7 @@ class AudioTokenIterableDataset(IterableDataset):
             raise ValueError("packed=True needs max_seq_len (or tokenizer.max_seq_len)")
         self.files = list(shard_files)
         self.tokenizer = tokenizer
-        self.builder = SequenceBuilder(tokenizer, task, max_seq_len, long_utterances)
-        self.cache_q = cache_q
-        self.q = _check_q(tokenizer, cache_q, name)
+        self._set_up_samples(tokenizer, cache_q, task, max_seq_len, long_utterances, name)
         self.split, self.val_fraction = split, val_fraction
         self.packed = packed
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -489,9 +494,7 @@ class AudioTokenIterableDataset(IterableDataset):
                 rank = int(os.environ.get("RANK", 0))
                 world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank, self.world_size = rank, world_size
-        self.name = name
         self.epoch = 0
-        self.skipped: Dict[str, int] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -529,15 +532,7 @@ class AudioTokenIterableDataset(IterableDataset):
                     continue
                 text_ids = b.text_ids(row["text"])
             n_frames = int(row["num_frames"])
-            where = f"{self.name}, utterance {uid}"
-            codes = _codes_of(
-                np.asarray(row["codes"]),
-                self.cache_q,
-                n_frames,
-                self.q,
-                self.tokenizer.vocab.codebook_size,
-                where,
-            )
+            codes = self._codes(np.asarray(row["codes"]), n_frames, uid)
             first, n = b.plan(np.array([n_frames]), np.array([1 + len(text_ids)]))
             if n[0] == 0:
                 self._skip("text too long for max_seq_len")
