@@ -25,7 +25,6 @@ from torchtune.modules.tied_linear import TiedLinear
 
 from llama_mimi_tt.vocab import MIMI_FRAME_RATE, MimiVocab
 
-FRAME_RATE = MIMI_FRAME_RATE  # serve.py's name for it; the value is vocab.py's
 _PAD_ID = 0  # left padding of shorter prompts; masked out, so any valid id works
 _CACHE_BUCKET = 256  # with compile, KV-cache lengths are rounded up to a multiple of this
 

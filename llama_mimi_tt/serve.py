@@ -42,8 +42,8 @@ from torchtune import utils
 
 from llama_mimi_tt.audio import load_audio
 from llama_mimi_tt.codec import MimiCodec, num_frames
-from llama_mimi_tt.generation import FRAME_RATE, SamplingParams, generate
-from llama_mimi_tt.vocab import MimiVocab
+from llama_mimi_tt.generation import SamplingParams, generate
+from llama_mimi_tt.vocab import MIMI_FRAME_RATE, MimiVocab
 
 log = utils.get_logger("INFO")
 
@@ -472,7 +472,7 @@ def create_app(
             raise ApiError(
                 422, f"seconds={seconds:g} is more than max_seconds={limits.max_seconds:g}"
             )
-        frames = round(seconds * FRAME_RATE)
+        frames = round(seconds * MIMI_FRAME_RATE)
         if frames < 1:
             raise ApiError(422, f"seconds={seconds:g} is shorter than one frame (0.08 s)")
         if num_samples > limits.max_samples:
@@ -498,7 +498,7 @@ def create_app(
                 422,
                 f"prompt ({prompt_frames} frames) + continuation ({frames} frames) need "
                 f"{tokens} tokens; the model's context is {batcher.max_seq_len}: ask for at "
-                f"most {max(room, 0) / FRAME_RATE:.2f} s or send a shorter prompt",
+                f"most {max(room, 0) / MIMI_FRAME_RATE:.2f} s or send a shorter prompt",
             )
         seed = params["seed"]
         return Job(
@@ -539,7 +539,7 @@ def create_app(
             "random_weights": batcher.random_weights,
             "num_quantizers": batcher.vocab.num_quantizers,
             "sample_rate": codec.sample_rate,
-            "frame_rate": FRAME_RATE,
+            "frame_rate": MIMI_FRAME_RATE,
             "max_seq_len": batcher.max_seq_len,
             "api_key_required": bool(api_key),
             "limits": {k: getattr(limits, k) for k in ServeLimits.__dataclass_fields__},

@@ -24,11 +24,12 @@ from tqdm import tqdm
 from llama_mimi_tt.audio import save_audio
 from llama_mimi_tt.audio_sources import open_audio_source
 from llama_mimi_tt.errors import UserError, writing
-from llama_mimi_tt.generation import FRAME_RATE, SamplingParams, generate
+from llama_mimi_tt.generation import SamplingParams, generate
 from llama_mimi_tt.judge import evaluate_generations
 from llama_mimi_tt.loading import load_model
 from llama_mimi_tt.preference import PAIRS_FILE, combined_scores, select_pairs, write_pairs
 from llama_mimi_tt.recipe_config import check_number, run_recipe
+from llama_mimi_tt.vocab import MIMI_FRAME_RATE
 
 log = utils.get_logger("INFO")
 
@@ -78,7 +79,7 @@ def recipe_main(cfg: DictConfig) -> None:
             model,
             [torch.tensor(ids)] * n,
             tokenizer.vocab,
-            max_new_frames=round(cfg.max_new_seconds * FRAME_RATE),
+            max_new_frames=round(cfg.max_new_seconds * MIMI_FRAME_RATE),
             semantic=params,
             acoustic=params,
             seed=[cfg.seed + i * n + k for k in range(n)],
