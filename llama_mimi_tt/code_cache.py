@@ -1,55 +1,21 @@
-"""Audio corpora -> a Mimi code cache on disk, and the pieces that read it back.
+"""Audio -> a Mimi code cache on disk: encoding, shards, claims and the cache's metadata.
 
-Training reads tens of thousands of hours of audio. Encoding every utterance with Mimi inside
-the training loop, one at a time (the reference's way), costs more than the language model
-step; here audio is encoded once, in length-sorted batches, into a cache any later run reads.
-``tune run llama_mimi_tokenize`` (recipes/llama_mimi_tokenize.py) drives the functions below;
-:func:`llama_mimi_tt.audio_token_dataset` reads the result.
+Encoding Mimi inside the training loop costs more than the language model step, so audio is
+encoded once, in length-sorted batches, into a cache that later runs read (the tokenize recipe
+builds it, ``audio_token_dataset`` and the eval recipe read it). Layout of ``output_dir``::
 
-Items come from :mod:`llama_mimi_tt.audio_sources` (a folder, a manifest or a dataset).
+    plan.json                            settings and items (:func:`start_cache` owns its keys)
+    shard-00000-of-00012.parquet         rows of ``shard_size`` source items (``SHARD_SCHEMA``;
+                                         codes flat uint16, level-major [Q, num_frames])
+    shard-00000-of-00012.parquet.claim   while a process encodes that shard
+    cache.json                           plan + summed shard counts, once every shard exists
+    skipped.jsonl                        every skipped source item with its reason
 
-Cache layout (``output_dir``)::
-
-    plan.json                          what is being built (settings, item count, codec)
-    shard-00000-of-00012.parquet      one per ``shard_size`` source items, any rank may write it
-    shard-00000-of-00012.parquet.claim  while a process encodes that shard (see "Claims")
-    ...
-    cache.json                         written once every shard exists: plan + counts + skips
-    skipped.jsonl                      every skipped source item with its reason
-
-Rows of a shard (one per utterance, or per piece of a long file):
-
-    id (str)              utterance id (the source item's id; pieces of one file share it)
-    segment (int32)       0, 1, ... for the pieces of a file split by ``max_seconds``
-    partial (bool)        the row holds only part of its file (split or truncated)
-    codes (list<uint16>)  the [Q, num_frames] codes, flattened level-major (row-major), so the
-                          first q levels are ``codes[: q * num_frames]``
-    num_frames (int32)    frames (12.5 per second)
-    text (str, null)      transcript, when the source has one
-    path (str)            the source file (or the dataset row's audio path)
-    start (float32)       offset of the piece in its file, seconds
-    duration (float32)    seconds of audio in this row
-    source_duration (float32)  seconds of the whole file
-
-Work is cut into shards of ``shard_size`` consecutive source items (source order: sorted paths
-for a folder, file order for a manifest, row order for a dataset). Shard k belongs to rank
-``k % world_size``; it is written under a temporary name and renamed when complete, so a shard
-file either is whole or does not exist. A rerun skips every shard that exists and does only
-the missing ones, so work finished before an interruption is never redone, also with a
-different number of ranks. A finished shard whose parquet footer cannot be read (a truncated
-or overwritten file) is corrupt: a rerun logs it and encodes it again, and readers name it.
-Each shard's parquet metadata holds its counts, skipped items and the items whose audio was
-normalised (peak above 2.0, see ``llama_mimi_tt.audio``); whichever process finishes the last
-shard writes ``cache.json``.
-
-Claims: before encoding a shard a process creates ``<shard>.claim`` (exclusively) holding its
-host and PID, refreshes its modification time after every batch, and deletes it when the
-shard is written. Another process that finds the claim leaves that shard alone, so several
-processes (or machines) started on one ``output_dir`` share the work without torchrun. A claim
-is stale, and taken over, when its PID is no longer running on this host, or when it has not
-been refreshed for ``claim_timeout_s`` (the only test for claims of other hosts). Two
-processes taking over the same stale claim at the same instant may both encode that shard:
-the result is the same, written atomically. Temporary files follow the same rule.
+A shard is written under a temporary name and renamed, so it is whole or absent; a rerun (with
+any number of ranks; shard k is rank ``k % world_size``'s) encodes only missing or corrupt
+shards. A claim (``<shard>.claim``: host and PID, refreshed after every batch) keeps other
+processes off a shard; it is stale, and taken over, when its PID is gone from this host or it
+was not refreshed for ``claim_timeout_s``. Temporary files follow the same rule.
 """
 
 from __future__ import annotations
@@ -87,18 +53,18 @@ CLAIM_SUFFIX = ".claim"
 
 LONG_FILE_RULES = ("split", "truncate")
 
-SHARD_SCHEMA = pa.schema(
+SHARD_SCHEMA = pa.schema(  # one row per utterance, or per piece of a long file
     [
-        ("id", pa.string()),
-        ("segment", pa.int32()),
-        ("partial", pa.bool_()),
-        ("codes", pa.list_(pa.uint16())),
-        ("num_frames", pa.int32()),
-        ("text", pa.string()),
-        ("path", pa.string()),
-        ("start", pa.float32()),
-        ("duration", pa.float32()),
-        ("source_duration", pa.float32()),
+        ("id", pa.string()),  # the source item's id (pieces of one file share it)
+        ("segment", pa.int32()),  # 0, 1, ... for the pieces of a file split by max_seconds
+        ("partial", pa.bool_()),  # only part of its file (split or truncated)
+        ("codes", pa.list_(pa.uint16())),  # [Q, num_frames] flattened level-major
+        ("num_frames", pa.int32()),  # 12.5 per second
+        ("text", pa.string()),  # transcript, when the source has one
+        ("path", pa.string()),  # the source file (or the dataset row's audio path)
+        ("start", pa.float32()),  # offset of the piece in its file, seconds
+        ("duration", pa.float32()),  # seconds of audio in this row
+        ("source_duration", pa.float32()),  # seconds of the whole file
     ]
 )
 
@@ -536,9 +502,14 @@ def encode_shard(
 
         normalised: List[dict] = []
         rows, skipped = encode_items(
-            source, items, codec, progress=refresh, logger=logger, normalised=normalised,
+            source,
+            items,
+            codec,
+            progress=refresh,
+            logger=logger,
+            normalised=normalised,
             **encode_options,
-        )  # fmt: skip
+        )
         meta = shard_summary(len(items), rows, skipped, normalised, **(writer or {}))
         write_shard(path, rows, meta)
     finally:
