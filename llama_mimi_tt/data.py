@@ -1,46 +1,13 @@
-"""The audio-token dataset: Mimi codes (from a code cache, or encoded on the fly) -> Llama-Mimi
-training sequences, for torchtune's recipes.
+"""Mimi codes (a code cache, or audio encoded at start-up) -> Llama-Mimi training samples.
 
-``config.instantiate(cfg.dataset, tokenizer)`` with::
-
-    dataset:
-      _component_: llama_mimi_tt.audio_token_dataset
-      source: /data/librispeech_mimi        # a code cache (tune run llama_mimi_tokenize)
-      task: a2a                              # or tts
-      packed: True
-
-Sequences are built by the tokenizer (``LlamaMimiTokenizer.sequence``), as the released models
-were trained::
-
-    a2a: <|begin_of_text|> <audio> f1q0 f1q1 .. f1q(Q-1) f2q0 .. </audio>
-    tts: <|begin_of_text|> text tokens <audio> frames .. </audio>
-
-Labels are the tokens, with -100 on ``<|begin_of_text|>`` and on the text prompt of tts (the
-recipe shifts labels by one, so ``<audio>`` and every audio token are predicted); padding is
-always -100 (torchtune's collators and packer do that).
-
-Utterances longer than ``max_seq_len`` (``long_utterances``):
-
-- ``split`` (default): the utterance becomes several samples, cut on frame boundaries. The
-  first is as long as fits, without ``</audio>`` (the utterance goes on); each later one is a
-  continuation ``<|begin_of_text|> <audio> frames ..`` (audio only, also in tts: the text
-  belongs to the start) and the last one closes with ``</audio>``. No audio is dropped.
-- ``truncate``: only the first sample is kept (the reference's behaviour).
-
-Packing (``packed=True``): a :class:`AudioPackedDataset`, torchtune's ``PackedDataset`` whose
-``split_across_pack`` cuts a sample that does not fit the rest of a pack on a frame boundary
-and continues it in the next pack with its own ``<|begin_of_text|> <audio>`` header, so every
-document in a pack is well formed and packs are full but for less than one frame.
-
-Splits: ``split="train"`` / ``"validation"`` select utterances by a stable hash of their id,
-``val_fraction`` of them for validation (the pieces of a long file share the id, so they stay
-together). ``split="all"`` keeps everything.
-
-``streaming=True`` gives an ``IterableDataset`` over the parquet shards for corpora larger
-than memory: shards are divided among nodes and ranks with
-``datasets.distributed.split_dataset_by_node`` and shuffled in a buffer; with ``packed=True``
-it packs on the fly into the same packs as ``AudioPackedDataset``. (torchtune 0.6.1's stock
-recipes build a ``DistributedSampler`` and need a map-style dataset; our recipes handle both.)
+The tokenizer builds every sequence as the released models were trained (``a2a``: ``<bos>
+<audio> frames </audio>``; ``tts``: the text before ``<audio>``); labels are the tokens with
+-100 on ``<bos>`` and the text prompt. An utterance longer than ``max_seq_len`` is cut on frame
+boundaries into a first sample and continuations (``long_utterances="split"``: no audio lost) or
+truncated (the reference's behaviour). Packing cuts a sample that does not fit a pack on a frame
+boundary and continues it with its own ``<bos> <audio>`` header, so every document in a pack is
+well formed. Train/validation splits go by a stable hash of the utterance id; ``streaming=True``
+iterates over the shards (corpora larger than memory), divided among ranks.
 """
 
 from __future__ import annotations
