@@ -1,41 +1,11 @@
-"""Likelihood benchmarks for Llama-Mimi: SALMon, sWUGGY, sBLIMP, spoken and topic StoryCloze.
+"""Likelihood scoring of benchmark pairs: a pair is right when the positive audio scores higher.
 
-Every benchmark here is a list of pairs (positive audio, negative audio). The model scores both
-and gets the pair right when the positive scores higher. One recipe runs them all
-(``tune run llama_mimi_eval --config eval``); the pieces are plain functions:
-
-    pairs = read_suite("salmon", "/data/salmon")                  # published layout -> pairs
-    codes = encode_audio_files(paths, codec, cache_file=...)      # each file through Mimi once
-    records = score_pairs(model, tokenizer, pairs, codes, mode="mean")
-    summary = summarize(records); print(format_table(summary))
-
-**Score.** A sequence is built as the model was trained, ``<|begin_of_text|> <audio> frames
-</audio>``, and scored by the log-likelihood of its audio tokens, each predicted from everything
-before it. ``mode`` chooses how the per-token log-probabilities become one number:
-
-- ``"mean"``: mean over the audio code tokens (every level). The reference's choice: the
-  llm-jp/llama-mimi SALMon script compares HF ``model(...).loss``, a token mean.
-- ``"sum"``: their sum, the sequence log-probability. It favours the shorter sample of a pair
-  when lengths differ; the mean does not.
-- ``"semantic"``: mean over the level-0 (semantic, WavLM-distilled) tokens only. The reference's
-  sWUGGY, sBLIMP and StoryCloze scripts do this (labels at positions ``2::Q``).
-
-``include_markers=True`` also scores the ``<audio>`` and ``</audio>`` predictions, exactly as the
-reference does (its labels are the whole sequence): in ``"semantic"`` mode that adds ``</audio>``
-only, which is where the reference's ``2::Q`` stride lands. The shipped configs set each suite to
-the reference's choice, so numbers are comparable with the paper's.
-
-**Ties.** A pair whose two scores are equal (``|pos - neg| <= tie_tolerance``, exact equality by
-default) counts 0.5, as in the official SALMon and ZeroSpeech 2021 scorers; the number of ties is
-reported beside the accuracy, and so is ``accuracy_ties_as_wrong`` (ties count 0), which is what
-the llm-jp/llama-mimi scripts compute (``neg_loss > pos_loss``). Identical token sequences are
-scored once, so identical audio always ties exactly, however it is batched.
-
-**Batching.** Sequences are sorted by length (longest first, to fail early on memory and to
-limit padding), right-padded and scored ``batch_size`` at a time. Causal attention means the
-padding never influences a real token, and padded positions are never scored. The output
-projection is applied only at the scored positions, in chunks, so the full ``[batch, length,
-vocab]`` logits tensor (136k columns for Llama 3) is never built.
+A sequence is built as in training (``<bos> <audio> frames </audio>``) and scored by the
+log-likelihood of its audio tokens: ``mode`` "mean" (every level; the reference's SALMon script),
+"sum", or "semantic" (level 0 only; its sWUGGY, sBLIMP and StoryCloze scripts). A tie counts 0.5,
+as in the official scorers, and ``accuracy_ties_as_wrong`` (the reference scripts' count) is
+reported beside it. Sequences are scored in length-sorted batches, and the output projection runs
+only at the scored positions, so ``[batch, length, vocab]`` logits are never built.
 """
 
 from __future__ import annotations

@@ -1,32 +1,14 @@
 """Evaluate Llama-Mimi: ``tune run llama_mimi_eval --config eval`` (or ``1B_eval``).
 
-Two parts, each optional:
+1. Likelihood benchmarks: each suite with a ``path`` (SALMon, sWUGGY, sBLIMP, spoken and topic
+   StoryCloze, in their published layouts) is encoded once through the code cache and scored
+   pair by pair (``results.json``, ``pairs.jsonl``).
+2. Generation quality, when ``generation.prompts`` is set: continuations judged by an LLM from
+   ASR transcripts, speaker similarity to the prompt, GenPPL and Auto-BLEU
+   (``judgements.jsonl``, audio in ``generations/``).
 
-1. Likelihood benchmarks (the paper's): SALMon (acoustic consistency), sWUGGY and sBLIMP
-   (lexical and syntactic knowledge, ZeroSpeech 2021 sLM21), spoken and topic StoryCloze
-   (long-range coherence). Every suite with a ``path`` in ``suites`` is read from its local
-   copy in the published layout, its audio is encoded once through a code cache, every pair is
-   scored in batches, and the accuracy (positive scored above negative) is printed as a table
-   and written to ``results.json`` (summary) and ``pairs.jsonl`` (every pair's scores).
-2. Generation quality, when ``generation.prompts`` is set: a continuation of each prompt is
-   generated, then judged by an LLM from ASR transcripts (1-10 rubric, mean with a 95% t
-   interval) and compared with the prompt's speaker (cosine similarity of speaker embeddings).
-   Every judgement goes to ``judgements.jsonl``, the audio to ``generations/``: the prompt as
-   it was cut (``prompt_seconds``, original audio) and the continuation alone (generated frames
-   decoded by Mimi); the judge and the speaker model compare these two files. The transcripts
-   also give SlamKit's GenPPL (``generation.genppl_model``: a local HF causal LM) and Auto-BLEU
-   (``llama_mimi_tt.text_metrics``); ``generation.transcripts`` (e.g. a previous run's
-   ``judgements.jsonl``) stands in for the ASR, so they run offline.
-
-``report.html`` (``llama_mimi_tt.report``) is written next to ``results.json``: plots with 95%
-intervals, and audio players with transcripts and judge rationales. ``compare=[dir_a,dir_b]``
-only writes a page comparing finished runs to ``output_dir``.
-
-    tune run llama_mimi_eval --config eval suites.salmon.path=/data/salmon_benchmark
-    tune run llama_mimi_eval --config 1B_eval suites.tstorycloze.path=/data/tSC batch_size=32
-
-See ``llama_mimi_tt.evaluation`` (scoring, layouts, ties) and ``llama_mimi_tt.judge`` (rubric,
-retries, confidence intervals) for what is computed.
+``report.html`` is written beside ``results.json``; ``compare=[dir_a,dir_b]`` only writes a page
+comparing finished runs.
 """
 
 import json
