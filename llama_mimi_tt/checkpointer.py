@@ -26,12 +26,12 @@ from torchtune.utils import get_logger
 from llama_mimi_tt.errors import MissingFileError, UserError
 from llama_mimi_tt.hf_export import (
     add_audio_tokens,
-    find_text_tokenizer,
     llama_mimi_hf_config,
     load_text_tokenizer,
     write_tokenizer,
 )
 from llama_mimi_tt.modules import AUDIO_WEIGHT
+from llama_mimi_tt.tokenizer import find_text_tokenizer
 from llama_mimi_tt.vocab import LLAMA3_TEXT_VOCAB_SIZE, MimiVocab
 
 log = get_logger("INFO")
