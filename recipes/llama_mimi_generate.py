@@ -293,6 +293,7 @@ def generate_batch(cfg: DictConfig, run: Setup, batch, stems: List[Path]) -> Gen
             stop_at_end=bool(cfg.get("stop_at_end", True)),
             min_new_frames=int(cfg.get("min_new_frames", 0)),
             compile=bool(cfg.get("compile", False)),
+            compile_mode=cfg.get("compile_mode"),
             on_frame=on_frame,
         )
     finally:
@@ -345,6 +346,7 @@ def write_summary(cfg: DictConfig, run: Setup, records: List[dict], totals: dict
         max_seconds=float(cfg.max_seconds),
         streaming=bool(cfg.get("streaming", False)),
         compile=bool(cfg.get("compile", False)),
+        compile_mode=cfg.get("compile_mode"),
         device=str(run.device),
         dtype=str(run.dtype),
         quantize=run.quant.precision,
