@@ -10,8 +10,13 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 mkdir -p "$WORK"
 cd "$WORK"
-echo "[wheel] building the wheel of $REPO"
-rm -rf dist && "$PY" -m pip wheel --no-deps -q -w dist "$REPO"
+echo "[wheel] building the wheel of $REPO (its tracked and untracked-but-not-ignored files)"
+rm -rf src dist && mkdir src
+git -C "$REPO" ls-files -z -co --exclude-standard | (cd "$REPO" && tar --null -T - -cf -) | tar -xf - -C src
+"$PY" -m pip wheel --no-deps -q -w dist ./src
+if unzip -l dist/llama_mimi_tt-*.whl | grep -q -E "llama_mimi_tt/(demo|tiny)\.py"; then
+  echo "[wheel] the wheel ships developer tools (demo.py / tiny.py)" >&2; exit 1
+fi
 wheel=$(ls dist/llama_mimi_tt-*.whl)
 echo "[wheel] $wheel: a new venv in $WORK/venv, pip install (torch is a large download the first time)"
 rm -rf venv && "$PY" -m venv venv
