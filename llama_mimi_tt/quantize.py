@@ -4,8 +4,9 @@ Batch-1 decoding reads every decoder weight once per token, so on a CPU its spee
 bytes per weight. Only the ``nn.Linear`` layers of ``model.layers`` (973M of the 1.3B model's
 weights read per token) are quantized; the rest is cast to bf16, as are the activations:
 bf16 2 bytes per weight, int8 1 (a scale per output row), int4 0.5 (+ a scale and zero per group
-of ``quantize_group_size`` columns). int4 is torchao's ``Int4WeightOnlyConfig(version=1)``
-(``Int4CPULayout`` on CPU); int8 is :class:`Int8Linear` (aten's ``_weight_int8pack_mm``) on CPU,
+of ``quantize_group_size`` columns). int4 on a CPU with AVX-512 VNNI is :class:`Int4Linear`,
+our kernel (cpu_kernels.py, 1.45x PyTorch's int4 CPU kernel), else torchao's
+``Int4WeightOnlyConfig(version=1)``; int8 is :class:`Int8Linear` (aten's ``_weight_int8pack_mm``) on CPU,
 where torchao's int8 is slower than fp32, and torchao's ``Int8WeightOnlyConfig`` on CUDA. Speed and
 quality per precision, CPU and GPU: bench/bench_quantize.py and bench/RESULTS.md.
 """
@@ -17,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from llama_mimi_tt import cpu_kernels
 from llama_mimi_tt.errors import UserError
 
 PRECISIONS = ("none", "bf16", "int8", "int4")
@@ -50,8 +52,19 @@ class QuantSpec:
         if self.precision == "int8":
             kernel = "torchao" if device is not None and device.type == "cuda" else "aten"
             return f"int8 (per-row scales, {kernel}), bf16 activations"
+        if self.uses_cpu_kernel(device):
+            return "int4 (group 128, our AVX-512 VNNI kernel), int8 activations per group"
         layout = "Int4CPULayout" if device is None or device.type == "cpu" else "tensor-core tiled"
         return f"int4 (group {self.group_size}, torchao {layout}), bf16 activations"
+
+    def uses_cpu_kernel(self, device: Optional[torch.device]) -> bool:
+        """Whether int4 runs on our CPU kernel (cpu_kernels.py) rather than torchao's."""
+        return (
+            self.precision == "int4"
+            and (device is None or device.type == "cpu")
+            and self.group_size == cpu_kernels.GROUP_SIZE
+            and cpu_kernels.available()
+        )
 
 
 def parse_quantize(value, group_size=128) -> QuantSpec:
@@ -108,6 +121,41 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Module):
+    """A bias-free linear layer with int4 weights (a scale and a zero per 128 input columns,
+    asymmetric, round to nearest) run by our AVX-512 VNNI kernel (:mod:`cpu_kernels`), which
+    also quantizes the activations to int8 per group of 128. It reads 0.5625 bytes per weight.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        packed, scales, zeros = cpu_kernels.pack_int4(weight)
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight_int4", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+
+    @torch.compiler.disable  # a call into C: nothing for the compiler to trace
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        scales, zeros = self.scales.float(), self.zeros.float()  # fp32 even after a model.to()
+        y = cpu_kernels.int4_matmul(x.reshape(-1, shape[-1]), self.weight_int4, scales, zeros)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as ``float32`` ``[out, in]`` (for checks)."""
+        return cpu_kernels.unpack_int4(self.weight_int4, self.scales.float(), self.zeros.float())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4"
+
+
+def _replace_linears(model: nn.Module, make) -> None:
+    for name, lin in _layer_linears(model):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, make(lin.weight))
 
 
 def _layer_linears(model: nn.Module):
@@ -172,8 +220,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
 
     ``none`` leaves the model as it is. Every other precision casts the whole model to bf16
     (the activations, norms, embedding, output projection and KV cache follow it), then
-    replaces the decoder layers' linear weights: int8 by :class:`Int8Linear`, int4 by torchao's
-    ``quantize_``. Call it after the weights are loaded and before generation or scoring.
+    replaces the decoder layers' linear weights: int8 by :class:`Int8Linear` (torchao on CUDA),
+    int4 by :class:`Int4Linear` on CPUs with AVX-512 VNNI (group 128), else torchao's ``quantize_``. Call it after the weights are loaded and before generation or scoring.
     """
     check_quantizable(model, spec, device)
     if spec.precision == "none":
@@ -186,10 +234,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
         # _weight_int8pack_mm ran 10x slower than bf16 (bench/RESULTS.md, H200)
         quantize_(model.layers, Int8WeightOnlyConfig())
     elif spec.precision == "int8":
-        for name, lin in _layer_linears(model):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, Int8Linear(lin.weight, torch.bfloat16).to(device))
+        _replace_linears(model, lambda w: Int8Linear(w, torch.bfloat16).to(device))
+    elif spec.uses_cpu_kernel(device):
+        _replace_linears(model, Int4Linear)
     elif spec.precision == "int4":
         from torchao.quantization import quantize_
 
@@ -212,6 +259,8 @@ def weight_bytes_per_token(model: nn.Module) -> int:
         tensors = list(m.parameters(recurse=False))
         if isinstance(m, Int8Linear):
             tensors += [m.weight_int8, m.scales]
+        if isinstance(m, Int4Linear):
+            tensors += [m.weight_int4, m.scales, m.zeros]
         total += sum(_nbytes(t) for t in tensors)
     return total
 
