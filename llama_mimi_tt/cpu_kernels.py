@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torchtune.utils import get_logger
 
 GROUP_SIZE = 128  # columns per weight scale and zero (the kernel's fixed group)
 SOURCE = Path(__file__).with_name("kernels") / "int4_matmul.c"
+log = get_logger("INFO")
+
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 GCC_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC"]
 
@@ -54,23 +57,31 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     source = SOURCE.read_bytes()
     lib = _cache_dir() / f"int4_matmul-{hashlib.sha1(source).hexdigest()[:12]}.so"
-    if not lib.is_file():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-            built = Path(tmp) / lib.name
-            result = subprocess.run(
-                ["gcc", *GCC_FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True
-            )
-            if result.returncode:
-                return None
-            os.replace(built, lib)  # atomic: a second process never loads a half-written file
-    so = ctypes.CDLL(str(lib))
+    try:
+        if not lib.is_file():
+            _build(lib)
+        so = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        log.warning(
+            f"the int4 CPU kernel could not be built ({detail.strip()[:300]}); int4 uses torchao"
+        )
+        return None
     so.int4_matmul.restype = ctypes.c_int
     so.int4_matmul.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     return so
+
+
+def _build(lib: Path) -> None:
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        built = Path(tmp) / lib.name
+        cmd = ["gcc", *GCC_FLAGS, "-o", str(built), str(SOURCE)]
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        os.replace(built, lib)  # atomic: a second process never loads a half-written file
 
 
 def available() -> bool:

@@ -62,3 +62,19 @@ def test_a_bad_shape_is_refused():
     packed, scales, zeros = cpu_kernels.pack_int4(weight())
     with pytest.raises(ValueError, match="x has 200 columns; the int4 weight has 256"):
         cpu_kernels.int4_matmul(torch.randn(1, 200), packed, scales, zeros)
+
+
+def test_an_unusable_cache_folder_falls_back_to_torchao(tmp_path, monkeypatch):
+    from llama_mimi_tt.quantize import parse_quantize
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the kernel cannot be built under it
+    cpu_kernels._library.cache_clear()
+    try:
+        assert not cpu_kernels.available()
+        assert not parse_quantize("int4").uses_cpu_kernel(torch.device("cpu"))
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._library.cache_clear()
+    assert cpu_kernels.available()
