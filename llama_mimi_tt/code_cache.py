@@ -559,31 +559,8 @@ def remove_cache(output_dir: Path) -> None:
 
 
 # ---- plan and manifest -------------------------------------------------------------------
-def check_or_write_plan(output_dir: Path, plan: dict) -> dict:
-    """Writes ``plan.json`` for a new cache, or checks that a resumed run builds the same one.
-
-    Raises:
-        UserError: ``output_dir`` holds a cache built with other settings or other items.
-    """
-    output_dir = Path(output_dir)
-    with writing(output_dir):
-        output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / PLAN_FILE
-    if not path.is_file():
-        atomic_write_json(path, plan)
-    existing = json.loads(path.read_text())
-    diffs = [
-        f"{k}: {existing.get(k)!r} in the cache, {plan.get(k)!r} now"
-        for k in sorted(set(plan) | set(existing))
-        if existing.get(k) != plan.get(k)
-    ]
-    if diffs:
-        raise UserError(
-            f"{output_dir} holds a code cache built with other settings or items, so it "
-            "cannot be resumed: " + "; ".join(diffs) + ". Use a new output_dir, or the same "
-            "settings to finish the existing cache."
-        )
-    return existing
+class CacheMismatchError(UserError):
+    """A folder holds a code cache built with other settings or other items."""
 
 
 def start_cache(
@@ -613,7 +590,7 @@ def start_cache(
         others: what the cache holds and how it was cut (see the module docstring).
 
     Raises:
-        UserError: ``output_dir`` holds a cache built with other settings or other items.
+        CacheMismatchError: ``output_dir`` holds a cache built with other settings or items.
     """
     plan = {
         "format_version": CACHE_FORMAT_VERSION,
@@ -632,7 +609,25 @@ def start_cache(
         "long_files": long_files,
         "codes_layout": "flat uint16, level-major [Q, num_frames]",
     }
-    return check_or_write_plan(output_dir, plan)
+    output_dir = Path(output_dir)
+    with writing(output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / PLAN_FILE
+    if not path.is_file():
+        atomic_write_json(path, plan)
+    existing = json.loads(path.read_text())
+    diffs = [
+        f"{k}: {existing.get(k)!r} in the cache, {plan.get(k)!r} now"
+        for k in sorted(set(plan) | set(existing))
+        if existing.get(k) != plan.get(k)
+    ]
+    if diffs:
+        raise CacheMismatchError(
+            f"{output_dir} holds a code cache built with other settings or items, so it "
+            "cannot be resumed: " + "; ".join(diffs) + ". Use a new output_dir, or the same "
+            "settings to finish the existing cache."
+        )
+    return existing
 
 
 def shard_summary(

@@ -347,7 +347,7 @@ def _cached_codes(cache_dir, source, codec, files_fingerprint, shard_size, pbar,
     )
     try:
         cc.start_cache(cache_dir, **settings)
-    except UserError:
+    except cc.CacheMismatchError:
         log.info(f"{cache_dir} holds the codes of other files or another codec: encoding again")
         cc.remove_cache(cache_dir)
         cc.start_cache(cache_dir, **settings)
