@@ -104,18 +104,20 @@ def _time_hf(hf, prompt, new_tokens):
     return time.perf_counter() - t0
 
 
-def memory_bandwidth(nbytes=512 * 2**20, repeats=5, device="cpu"):
-    """Bytes per second of a large tensor copy (read + write counted), best of ``repeats``."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+def bandwidth_probe(device, nbytes=1024 * 2**20, repeats=5) -> dict:
+    """Best bytes/s of a large copy (read + write counted) and of a read-only sum, each over
+    ``nbytes`` (far beyond any cache). The goals use the copy figure."""
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    best = float("inf")
+    best = dict(copy=0.0, read=0.0)
     for _ in range(repeats):
-        _sync(src.device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(src.device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
+        for kind, work, moved in (("copy", lambda: dst.copy_(src), 2), ("read", src.sum, 1)):
+            _sync(device)
+            t0 = time.perf_counter()
+            work()
+            _sync(device)
+            best[kind] = max(best[kind], moved * nbytes / (time.perf_counter() - t0))
+    return best
 
 
 def decode_weight_bytes(model, vocab) -> int:
@@ -173,7 +175,7 @@ def run_cpu(quick: bool = False) -> list:
     ours = {c: [] for c in variants}
     peer, peer_1, bw = [], [], []
     for _ in range(repeats):  # interleaved: a busy neighbour slows every route alike
-        bw.append(memory_bandwidth())
+        bw.append(bandwidth_probe(torch.device("cpu"))["copy"])
         for c in variants:
             ours[c].append(_time_ours(model, prompt, vocab, new_tokens, compile=c))
         peer.append(_time_hf(hf, prompt, new_tokens))

@@ -40,7 +40,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_generate import REFERENCE, _hf_copy, _prompt, _sync, _time_hf, cpu_threads  # noqa: E402
+from bench_generate import (  # noqa: E402
+    REFERENCE,
+    _hf_copy,
+    _prompt,
+    _sync,
+    _time_hf,
+    bandwidth_probe,
+    cpu_threads,
+)
 
 from llama_mimi_tt.generation import LevelHeads, SamplingParams, generate  # noqa: E402
 from llama_mimi_tt.models import SHAPES, llama_mimi_1b  # noqa: E402
@@ -62,22 +70,6 @@ GPU_SECTION = (
     "## Quantized decoding on a GPU, Llama-Mimi-1.3B shape (bench_quantize.py --device cuda)"
 )
 REAL_TIME_TOKENS_PER_S = 12.5 * Q  # Mimi frames per second x levels
-
-
-def bandwidth_probe(device, nbytes=1024 * 2**20, repeats=5) -> dict:
-    """Best bytes/s of a large copy (read + write counted) and of a read-only sum, each over
-    ``nbytes`` (far beyond any cache). The goals use the copy figure."""
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    best = dict(copy=0.0, read=0.0)
-    for _ in range(repeats):
-        for kind, work, moved in (("copy", lambda: dst.copy_(src), 2), ("read", src.sum, 1)):
-            _sync(device)
-            t0 = time.perf_counter()
-            work()
-            _sync(device)
-            best[kind] = max(best[kind], moved * nbytes / (time.perf_counter() - t0))
-    return best
 
 
 def build_fp32(device, num_layers=None, max_seq_len=512):
