@@ -550,11 +550,13 @@ def codec_fingerprint(codec) -> str:
 
 
 def remove_cache(output_dir: Path) -> None:
-    """Deletes the files of a code cache (and only those) from ``output_dir``."""
+    """Deletes the files of a code cache (and only those) from ``output_dir``, ``plan.json``
+    last: killed half-way, the folder still names the old plan, so no old shard is ever taken
+    for a shard of the next cache."""
     output_dir = Path(output_dir)
-    names = [PLAN_FILE, MANIFEST_FILE, SKIPPED_FILE]
+    shards = sorted(output_dir.glob("shard-*.parquet*"))
     with writing(output_dir):
-        for f in [output_dir / n for n in names] + sorted(output_dir.glob("shard-*.parquet*")):
+        for f in shards + [output_dir / n for n in (MANIFEST_FILE, SKIPPED_FILE, PLAN_FILE)]:
             f.unlink(missing_ok=True)
 
 

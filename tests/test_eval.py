@@ -352,6 +352,31 @@ def test_storycloze_layout(tmp_path):
         read_suite("hellaswag", tmp_path)
 
 
+def test_a_kill_while_replacing_the_cache_never_reuses_old_codes(tmp_path, monkeypatch):
+    paths = [tmp_path / f"{i}.wav" for i in range(3)]
+    for i, p in enumerate(paths):
+        write_codes_wav(p, pattern_codes(4 + i, phase=i))
+    codec, cache = FakeCodec(), tmp_path / "codes"
+    encode_audio_files(paths, codec, cache_dir=cache, save_every=1, progress=False)
+    write_codes_wav(paths[0], pattern_codes(7, phase=2))  # changed: the cache must be replaced
+
+    real_unlink, deleted = Path.unlink, []
+
+    def unlink_then_die(self, missing_ok=False):  # kill -9 right after the first deletion
+        real_unlink(self, missing_ok=missing_ok)
+        deleted.append(self.name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "unlink", unlink_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        encode_audio_files(paths, codec, cache_dir=cache, save_every=1, progress=False)
+    monkeypatch.undo()
+    assert deleted and deleted[0] != "plan.json"  # the plan, which names the shards, goes last
+    codes, _ = encode_audio_files(paths, codec, cache_dir=cache, save_every=1, progress=False)
+    assert torch.equal(codes[str(paths[0])].long(), pattern_codes(7, phase=2))
+    assert torch.equal(codes[str(paths[1])].long(), pattern_codes(5, phase=1))
+
+
 # ---- audio -> codes -> accuracy, end to end ----------------------------------------------------
 def test_salmon_folder_end_to_end_with_code_cache(trained, tokenizer, tmp_path):
     root = tmp_path / "salmon"
