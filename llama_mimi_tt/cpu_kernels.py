@@ -1,16 +1,20 @@
-"""Our int4 matmul for CPUs with AVX-512 VNNI (``kernels/int4_matmul.c``), built once with gcc.
+"""Our matrix-vector kernels for AVX-512 CPUs (``kernels/cpu_matmul.c``), built once with gcc.
 
-PyTorch's int4 CPU kernel reads its weights at 10-16 GB/s on a 2-core AVX-512 machine, about a
-third of the memory bandwidth (bench/RESULTS.md). Batch-1 decoding is a matrix-vector product
-per layer, so a kernel that streams the packed weights through ``vpdpbusd`` decodes faster. The
-C file is compiled on first use into ``$XDG_CACHE_HOME/llama_mimi_tt`` (keyed by its hash) and
-called through ctypes; where the CPU lacks VNNI or gcc is missing, ``available()`` is False and
-quantize falls back to torchao.
+Batch-1 decoding is one matrix-vector product per linear layer, so its speed is the rate at
+which the weights stream from memory. PyTorch's CPU kernels read them at 10-20 GB/s on a
+2-core AVX-512 machine where a plain read reaches 25-30 GB/s; ours stream int4 and int8 weights
+through VNNI's ``vpdpbusd`` and bf16 weights through ``vdpbf16ps`` at the read rate
+(bench/RESULTS.md). The C file is compiled on first use into ``$XDG_CACHE_HOME/llama_mimi_tt``
+(keyed by its hash) and called through ctypes, wrapped as torch custom ops so that
+``torch.compile`` keeps them in its graph. ``available(kernel)`` is False where the CPU lacks
+the instructions, gcc is missing or the build fails; quantize then uses PyTorch's or torchao's.
+``LLAMA_MIMI_NO_CPU_KERNELS=1`` turns them all off.
 """
 
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import shutil
 import subprocess
@@ -21,24 +25,35 @@ from typing import Optional
 import torch
 from torchtune.utils import get_logger
 
-GROUP_SIZE = 128  # columns per weight scale and zero (the kernel's fixed group)
-SOURCE = Path(__file__).with_name("kernels") / "int4_matmul.c"
+GROUP_SIZE = 128  # columns per int4 scale and zero, and per int8 activation scale
+SOURCE = Path(__file__).with_name("kernels") / "cpu_matmul.c"
 log = get_logger("INFO")
 
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-GCC_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC"]
+CPU_FLAGS = {  # what each kernel needs from /proc/cpuinfo
+    "int4": ("avx512f", "avx512bw", "avx512_vnni"),
+    "int8": ("avx512f", "avx512bw", "avx512_vnni"),
+    "bf16": ("avx512f", "avx512bw", "avx512_bf16"),
+}
+GCC_FLAGS = [
+    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fopenmp", "-shared",
+    "-fPIC",
+]  # fmt: skip
+_P, _I = ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {  # (pointers and ints of each C function, in order)
+    "int4_matmul": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
+    "int8_matmul": [_P, _I, _I, _P, _P, _I, _P, _I],
+    "bf16_matmul": [_P, _I, _I, _P, _I, _P, _I],
+}
 
 
-def _cpu_has_vnni() -> bool:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
-        [],
-    )
-    return all(f in flags for f in CPU_FLAGS)
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "flags:")
+    return frozenset(line.split(":", 1)[1].split())
 
 
 def _cache_dir() -> Path:
@@ -48,15 +63,15 @@ def _cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> Optional[ctypes.CDLL]:
-    """The built kernel, or None where it cannot run here (no VNNI, no gcc, build failed)."""
+    """The built kernels, or None where none can run here (no AVX-512, no gcc, build failed)."""
     if (
         os.environ.get("LLAMA_MIMI_NO_CPU_KERNELS")
-        or not _cpu_has_vnni()
+        or not any(available_on_cpu(kernel) for kernel in CPU_FLAGS)
         or not shutil.which("gcc")
     ):
         return None
     source = SOURCE.read_bytes()
-    lib = _cache_dir() / f"int4_matmul-{hashlib.sha1(source).hexdigest()[:12]}.so"
+    lib = _cache_dir() / f"cpu_matmul-{hashlib.sha1(source).hexdigest()[:12]}.so"
     try:
         if not lib.is_file():
             _build(lib)
@@ -64,14 +79,13 @@ def _library() -> Optional[ctypes.CDLL]:
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         log.warning(
-            f"the int4 CPU kernel could not be built ({detail.strip()[:300]}); int4 uses torchao"
+            f"the CPU kernels could not be built ({detail.strip()[:300]}); quantize uses "
+            "PyTorch's and torchao's"
         )
         return None
-    so.int4_matmul.restype = ctypes.c_int
-    so.int4_matmul.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-    ]  # fmt: skip
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(so, name)
+        fn.restype, fn.argtypes = ctypes.c_int, argtypes
     return so
 
 
@@ -84,14 +98,37 @@ def _build(lib: Path) -> None:
         os.replace(built, lib)  # atomic: a second process never loads a half-written file
 
 
-def available() -> bool:
-    """Whether the int4 kernel runs on this machine."""
-    return _library() is not None
+def available_on_cpu(kernel: str) -> bool:
+    """Whether this CPU has the instructions ``kernel`` (int4, int8 or bf16) needs."""
+    return all(flag in _cpu_flags() for flag in CPU_FLAGS[kernel])
+
+
+def available(kernel: str = "int4") -> bool:
+    """Whether ``kernel`` (int4, int8 or bf16) runs on this machine."""
+    return available_on_cpu(kernel) and _library() is not None
+
+
+def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of CPU tensor ``t`` (2 MB or more) in memory that Linux backs with 2 MB pages
+    (transparent huge pages, ``madvise`` mode included), else ``t`` itself. Streaming a weight
+    through 4 KB pages costs a page walk every 4 KB: one thread read 19 GB/s here, against
+    29 GB/s from 2 MB pages (bench/RESULTS.md)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes < 2**21 or not t.is_cpu or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages: 4 KB pages, as before
+        pass
+    out = torch.frombuffer(memory, dtype=t.dtype, count=t.numel()).view(t.shape)
+    return out.copy_(t)  # the tensor keeps the mapping alive
 
 
 def pack_int4(weight: torch.Tensor):
     """``(packed uint8 [N, K / 2], scales fp32 [N, K / 128], zeros fp32 [N, K / 128])`` of a
-    ``[N, K]`` weight: asymmetric round-to-nearest per group, ``w ~ (q - zero) * scale``."""
+    ``[N, K]`` weight: asymmetric round-to-nearest per group, ``w ~ (q - zero) * scale``. The
+    packed weight is in huge pages (``in_huge_pages``)."""
     w = weight.detach().float()
     n, k = w.shape
     g = w.view(n, k // GROUP_SIZE, GROUP_SIZE)
@@ -101,7 +138,7 @@ def pack_int4(weight: torch.Tensor):
     q = torch.round(g / scales[..., None] + zeros[..., None]).clamp(0, 15).to(torch.uint8)
     halves = q.view(n, k // GROUP_SIZE, 2, GROUP_SIZE // 2)
     packed = halves[:, :, 0] | (halves[:, :, 1] << 4)
-    return packed.reshape(n, k // 2).contiguous(), scales.contiguous(), zeros.contiguous()
+    return in_huge_pages(packed.reshape(n, k // 2).contiguous()), scales, zeros
 
 
 def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -112,21 +149,91 @@ def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor)
     return ((q - zeros[..., None]) * scales[..., None]).view(n, -1)
 
 
-def int4_matmul(x: torch.Tensor, packed, scales, zeros) -> torch.Tensor:
-    """``x [M, K] @ w.T`` in float32 for ``pack_int4``'s weight (x quantized to int8 per group)."""
+def pack_int8(weight: torch.Tensor):
+    """``(int8 [N, K], scales fp32 [N])`` of a ``[N, K]`` weight: symmetric round-to-nearest
+    per row, ``w ~ q * scale`` with ``q`` in -127..127. The int8 weight is in huge pages."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return in_huge_pages(q.contiguous()), scales
+
+
+def _call(name: str, *args) -> None:
     so = _library()
     if so is None:
-        raise RuntimeError("the int4 CPU kernel is not available on this machine")
-    x = x.float().contiguous()
-    m, k = x.shape
-    n = packed.shape[0]
-    if k != 2 * packed.shape[1] or k % GROUP_SIZE:
-        raise ValueError(f"x has {k} columns; the int4 weight has {2 * packed.shape[1]}")
-    y = torch.empty(m, n, dtype=torch.float32)
-    status = so.int4_matmul(
-        x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n,
-        y.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        raise RuntimeError("the CPU kernels are not available on this machine")
+    status = getattr(so, name)(*args, torch.get_num_threads())
     if status:
-        raise RuntimeError(f"int4_matmul failed (status {status}) for x {tuple(x.shape)}")
+        raise RuntimeError(f"{name} failed (status {status}); K must be a multiple of {GROUP_SIZE}")
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, columns: int, kind: str) -> None:
+    if not (x.is_cpu and weight.is_cpu):
+        raise ValueError(
+            f"the {kind} CPU kernel takes CPU tensors, not {x.device} and {weight.device}: "
+            "quantize the model on the device it runs on"
+        )
+    if x.dim() != 2 or x.shape[1] != columns or columns % GROUP_SIZE:
+        raise ValueError(f"x has shape {tuple(x.shape)}; the {kind} weight has {columns} columns")
+
+
+# The kernels as torch custom ops: ``x [M, K] @ w.T`` as float32 ``[M, N]``. torch.compile sees
+# them as opaque calls with the shapes their fake functions give, so a compiled decode step
+# fuses the work around them instead of breaking its graph at every linear layer.
+@torch.library.custom_op("llama_mimi_tt::int4_matmul", mutates_args=())
+def int4_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """For ``pack_int4``'s weight; x is quantized to int8 per group of 128."""
+    x, (n, half) = x.float().contiguous(), packed.shape
+    _check(x, packed, 2 * half, "int4")
+    y = x.new_empty(x.shape[0], n)
+    packed = packed.contiguous()
+    scales, zeros = scales.float().contiguous(), zeros.float().contiguous()
+    _call(
+        "int4_matmul", x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(),
+        scales.data_ptr(), zeros.data_ptr(), n, y.data_ptr(),
+    )  # fmt: skip
     return y
+
+
+@torch.library.custom_op("llama_mimi_tt::int8_matmul", mutates_args=())
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """For ``pack_int8``'s weight; x is quantized to int8 per group of 128."""
+    x, (n, k) = x.float().contiguous(), weight.shape
+    _check(x, weight, k, "int8")
+    y = x.new_empty(x.shape[0], n)
+    weight, scales = weight.contiguous(), scales.float().contiguous()
+    _call(
+        "int8_matmul", x.data_ptr(), x.shape[0], k, weight.data_ptr(), scales.data_ptr(), n,
+        y.data_ptr(),
+    )  # fmt: skip
+    return y
+
+
+@torch.library.custom_op("llama_mimi_tt::bf16_matmul", mutates_args=())
+def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """For a bf16 weight ``[N, K]``; x is rounded to bf16, products summed in fp32."""
+    x, (n, k) = x.float().contiguous(), weight.shape
+    _check(x, weight, k, "bf16")
+    if weight.dtype != torch.bfloat16:
+        raise ValueError(f"bf16_matmul needs a bf16 weight, not {weight.dtype}")
+    y = x.new_empty(x.shape[0], n)
+    weight = weight.contiguous()
+    _call("bf16_matmul", x.data_ptr(), x.shape[0], k, weight.data_ptr(), n, y.data_ptr())
+    return y
+
+
+@int4_matmul.register_fake
+def _(x, packed, scales, zeros):
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+
+
+@int8_matmul.register_fake
+def _(x, weight, scales):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@bf16_matmul.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)

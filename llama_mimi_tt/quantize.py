@@ -2,13 +2,14 @@
 
 Batch-1 decoding reads every decoder weight once per token, so on a CPU its speed is set by the
 bytes per weight. Only the ``nn.Linear`` layers of ``model.layers`` (973M of the 1.3B model's
-weights read per token) are quantized; the rest is cast to bf16, as are the activations:
-bf16 2 bytes per weight, int8 1 (a scale per output row), int4 0.5 (+ a scale and zero per group
-of ``quantize_group_size`` columns). int4 on a CPU with AVX-512 VNNI is :class:`Int4Linear`,
-our kernel (cpu_kernels.py, 1.45x PyTorch's int4 CPU kernel), else torchao's
-``Int4WeightOnlyConfig(version=1)``; int8 is :class:`Int8Linear` (aten's ``_weight_int8pack_mm``) on CPU,
-where torchao's int8 is slower than fp32, and torchao's ``Int8WeightOnlyConfig`` on CUDA. Speed and
-quality per precision, CPU and GPU: bench/bench_quantize.py and bench/RESULTS.md.
+weights read per token) are quantized; the rest is cast to the activation dtype (fp32 on our
+CPU kernels, else bf16): bf16 2 bytes per weight, int8 1 (a scale per output row), int4 0.5
+(+ a scale and zero per group of ``quantize_group_size`` columns). On CPUs with AVX-512 the decode steps run on our
+matrix-vector kernels (cpu_kernels.py), which stream the weights 1.5-2x faster than PyTorch's:
+:class:`Bf16Linear`, :class:`Int8Linear` and :class:`Int4Linear`. Elsewhere bf16 is
+``F.linear``, int8 aten's ``_weight_int8pack_mm`` (torchao's ``Int8WeightOnlyConfig`` on CUDA)
+and int4 torchao's ``Int4WeightOnlyConfig(version=1)``. Speed and quality per precision, CPU
+and GPU: bench/bench_quantize.py and bench/RESULTS.md.
 """
 
 import warnings
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llama_mimi_tt import cpu_kernels
@@ -38,32 +40,41 @@ class QuantSpec:
     precision: str = "none"
     group_size: int = 128
 
-    @property
-    def activation_dtype(self) -> Optional[torch.dtype]:
-        """The dtype the model computes in after quantization (None: unchanged)."""
-        return None if self.precision == "none" else torch.bfloat16
+    def activation_dtype(self, device: Optional[torch.device] = None) -> Optional[torch.dtype]:
+        """The dtype the model computes in after quantization (None: unchanged): fp32 where
+        the layers run on our CPU kernels (bf16 attention and norms are slower than fp32 on a
+        CPU, and the kernels take fp32 input), else bf16."""
+        if self.precision == "none":
+            return None
+        return torch.float32 if self.uses_cpu_kernel(device) else torch.bfloat16
 
     def describe(self, device: Optional[torch.device] = None) -> str:
         """One line for logs and summaries, e.g. ``int8 (per-row scales), bf16 activations``."""
         if self.precision == "none":
             return "none (weights as loaded)"
+        if self.uses_cpu_kernel(device):
+            weights = {
+                "bf16": "bf16 (our AVX512_BF16 kernel for decode steps)",
+                "int8": "int8 (per-row scales, our AVX-512 VNNI kernel, int8 activations per group)",
+                "int4": "int4 (group 128, our AVX-512 VNNI kernel, int8 activations per group)",
+            }[self.precision]
+            return f"{weights}, fp32 activations"
+        on_cpu = device is None or device.type == "cpu"
         if self.precision == "bf16":
             return "bf16 weights and activations"
         if self.precision == "int8":
-            kernel = "torchao" if device is not None and device.type == "cuda" else "aten"
-            return f"int8 (per-row scales, {kernel}), bf16 activations"
-        if self.uses_cpu_kernel(device):
-            return "int4 (group 128, our AVX-512 VNNI kernel), int8 activations per group"
-        layout = "Int4CPULayout" if device is None or device.type == "cpu" else "tensor-core tiled"
+            return f"int8 (per-row scales, {'aten' if on_cpu else 'torchao'}), bf16 activations"
+        layout = "Int4CPULayout" if on_cpu else "tensor-core tiled"
         return f"int4 (group {self.group_size}, torchao {layout}), bf16 activations"
 
     def uses_cpu_kernel(self, device: Optional[torch.device]) -> bool:
-        """Whether int4 runs on our CPU kernel (cpu_kernels.py) rather than torchao's."""
+        """Whether the decoder layers run on our CPU kernels (cpu_kernels.py) rather than
+        PyTorch's or torchao's (int4: group 128 only)."""
         return (
-            self.precision == "int4"
+            self.precision != "none"
             and (device is None or device.type == "cpu")
-            and self.group_size == cpu_kernels.GROUP_SIZE
-            and cpu_kernels.available()
+            and (self.precision != "int4" or self.group_size == cpu_kernels.GROUP_SIZE)
+            and cpu_kernels.available(self.precision)
         )
 
 
@@ -91,28 +102,56 @@ def parse_quantize(value, group_size=128) -> QuantSpec:
     return QuantSpec(precision=name, group_size=group)
 
 
-class Int8Linear(nn.Module):
-    """A bias-free linear layer with an int8 weight ``[out, in]`` and one scale per output row
-    (symmetric, round to nearest): ``y = (x @ w_int8.T) * scale``.
+_GEMV_ROWS = 4  # our bf16 kernel is faster than PyTorch's up to this many rows of input
 
-    ``torch.ops.aten._weight_int8pack_mm`` is PyTorch's public aten operator for exactly this
-    (CPU and CUDA kernels); it reads the int8 weight as it is stored, so a token reads 1 byte
-    per weight. The scales are kept in the activation dtype, as the operator requires.
+
+class Bf16Linear(nn.Linear):
+    """A bias-free linear layer with a bf16 weight whose matrix-vector products (at most 4 rows
+    of input: a decode step) run on our AVX512_BF16 kernel (:mod:`cpu_kernels`), 1.5x
+    PyTorch's at batch 1; longer inputs (a prompt, a scored sequence) go through ``F.linear``
+    in bf16. Either way the output has the input's dtype. Its state dict is an ``nn.Linear``'s.
     """
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > _GEMV_ROWS or not x.is_cpu:
+            return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        y = cpu_kernels.bf16_matmul(x.reshape(rows, -1), self.weight)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "Bf16Linear":
+        """The layer of a bias-free linear's ``weight``, in bf16 (in huge pages on a CPU)."""
+        layer = cls(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        bf16 = cpu_kernels.in_huge_pages(weight.to(torch.bfloat16))
+        layer.weight = nn.Parameter(bf16, requires_grad=False)
+        return layer
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with an int8 weight ``[out, in]`` and one scale per output row
+    (symmetric, round to nearest): ``y = (x @ w_int8.T) * scale``. It reads 1 byte per weight.
+
+    On a CPU with AVX-512 VNNI it runs our kernel (:mod:`cpu_kernels`, activations quantized to
+    int8 per group of 128), elsewhere ``torch.ops.aten._weight_int8pack_mm``, PyTorch's public
+    operator for this layout (bf16 activations).
+    """
+
+    def __init__(self, weight: torch.Tensor):
         super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.out_features, self.in_features = w.shape
-        self.register_buffer("weight_int8", q.contiguous())
-        self.register_buffer("scales", scale.to(dtype))
+        q, scales = cpu_kernels.pack_int8(weight)
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scales", scales)
+        self.cpu_kernel = cpu_kernels.available("int8")  # decided once: forward stays traceable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8, scales)
+        x2 = x.reshape(-1, shape[-1])
+        if x.is_cpu and self.cpu_kernel:
+            y = cpu_kernels.int8_matmul(x2, self.weight_int8, self.scales).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(x.dtype))
         return y.reshape(*shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
@@ -137,11 +176,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
 
-    @torch.compiler.disable  # a call into C: nothing for the compiler to trace
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        scales, zeros = self.scales.float(), self.zeros.float()  # fp32 even after a model.to()
-        y = cpu_kernels.int4_matmul(x.reshape(-1, shape[-1]), self.weight_int4, scales, zeros)
+        x2 = x.reshape(-1, shape[-1])
+        y = cpu_kernels.int4_matmul(x2, self.weight_int4, self.scales, self.zeros)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
@@ -153,7 +191,11 @@ class Int4Linear(nn.Module):
 
 
 def _replace_linears(model: nn.Module, make) -> None:
+    """Every bias-free linear of the decoder layers by ``make(weight)`` (check_quantizable
+    refuses biases for int8 and int4; bf16 keeps a biased layer as it is)."""
     for name, lin in _layer_linears(model):
+        if lin.bias is not None:
+            continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, make(lin.weight))
 
@@ -218,25 +260,29 @@ def _int4_config(spec: QuantSpec, device: torch.device):
 def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> nn.Module:
     """Applies ``spec`` to a loaded torchtune decoder in place and returns it.
 
-    ``none`` leaves the model as it is. Every other precision casts the whole model to bf16
-    (the activations, norms, embedding, output projection and KV cache follow it), then
-    replaces the decoder layers' linear weights: int8 by :class:`Int8Linear` (torchao on CUDA),
-    int4 by :class:`Int4Linear` on CPUs with AVX-512 VNNI (group 128), else torchao's ``quantize_``. Call it after the weights are loaded and before generation or scoring.
+    ``none`` leaves the model as it is. Every other precision casts the whole model to its
+    ``activation_dtype`` (the activations, norms, embedding, output projection and KV cache
+    follow it: fp32 on our CPU kernels, else bf16), then replaces the decoder layers' linear
+    layers: on our CPU kernels by :class:`Bf16Linear`, :class:`Int8Linear` or
+    :class:`Int4Linear`; elsewhere int8 by :class:`Int8Linear` (torchao's on CUDA), int4 by
+    torchao's ``quantize_`` and bf16 stays ``nn.Linear``. Call it after the weights are loaded
+    and before generation or scoring.
     """
     check_quantizable(model, spec, device)
     if spec.precision == "none":
         return model
-    model.to(device=device, dtype=torch.bfloat16)
-    if spec.precision == "int8" and device.type == "cuda":
+    model.to(device=device, dtype=spec.activation_dtype(device))
+    if spec.uses_cpu_kernel(device):
+        make = {"bf16": Bf16Linear.of, "int8": Int8Linear, "int4": Int4Linear}[spec.precision]
+        _replace_linears(model, make)
+    elif spec.precision == "int8" and device.type == "cuda":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         # compiled, torchao's int8 fuses the dequantization into the matmul; aten's CUDA
         # _weight_int8pack_mm ran 10x slower than bf16 (bench/RESULTS.md, H200)
         quantize_(model.layers, Int8WeightOnlyConfig())
     elif spec.precision == "int8":
-        _replace_linears(model, lambda w: Int8Linear(w, torch.bfloat16).to(device))
-    elif spec.uses_cpu_kernel(device):
-        _replace_linears(model, Int4Linear)
+        _replace_linears(model, lambda w: Int8Linear(w).to(device))
     elif spec.precision == "int4":
         from torchao.quantization import quantize_
 

@@ -259,7 +259,7 @@ def setup(cfg: DictConfig) -> Setup:
         raise UserError(f"max_seconds={cfg.max_seconds} is shorter than one frame (0.08 s)")
     model = load_model(cfg, device, dtype)
     model = quantize_model(model, quant, device)
-    dtype = quant.activation_dtype or dtype
+    dtype = quant.activation_dtype(device) or dtype
     log.info(f"precision: {quant.describe(device)}")
     check_context(prompts, max_new_frames, model.max_seq_len, vocab.num_quantizers)
     return Setup(tokenizer, codec, model, prompts, max_new_frames, quant, device, dtype, out_dir)

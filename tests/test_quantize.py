@@ -21,6 +21,7 @@ from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.generation import SamplingParams, generate
 from llama_mimi_tt.models import llama_mimi_tiny
 from llama_mimi_tt.quantize import (
+    Bf16Linear,
     Int4Linear,
     Int8Linear,
     QuantSpec,
@@ -39,7 +40,9 @@ CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
 # precision: (max |logit - fp32 logit|, mean KL(fp32 || precision), top-1 agreement at least)
 BOUNDS = {"bf16": (0.03, 1e-5, 0.9), "int8": (0.05, 5e-5, 0.9), "int4": (0.6, 5e-3, 0.5)}
-BOUNDS["int4-torchao"] = BOUNDS["int4"]
+# each precision on our CPU kernels where this CPU has them, and on PyTorch's / torchao's
+# ("-torch": LLAMA_MIMI_NO_CPU_KERNELS=1), which every other machine uses
+ROUTES = ["bf16", "bf16-torch", "int8", "int8-torch", "int4", "int4-torch"]
 
 
 def tiny(seed: int = 0) -> nn.Module:
@@ -65,20 +68,23 @@ def reference():
         return ids, tiny()(ids).float()
 
 
-@pytest.fixture(scope="module", params=["bf16", "int8", "int4", "int4-torchao"])
+@pytest.fixture(scope="module", params=ROUTES)
 def quantized(request):
-    """int4: our AVX-512 VNNI kernel where the CPU has it; int4-torchao: torchao's, forced."""
+    """``(precision, model, ours)``: ours is whether the layers run on our CPU kernels."""
+    precision = request.param.split("-")[0]
     with pytest.MonkeyPatch.context() as mp:
-        if request.param == "int4-torchao":
+        if request.param.endswith("-torch"):
             mp.setenv("LLAMA_MIMI_NO_CPU_KERNELS", "1")
         cpu_kernels._library.cache_clear()
-        model = quantize_model(tiny(), parse_quantize(request.param.split("-")[0]), CPU)
+        spec = parse_quantize(precision)
+        ours = spec.uses_cpu_kernel(CPU)
+        model = quantize_model(tiny(), spec, CPU)
     cpu_kernels._library.cache_clear()
-    return request.param, model
+    return precision, model, ours
 
 
 def test_logits_close_to_fp32(quantized, reference):
-    precision, model = quantized
+    precision, model, _ = quantized
     ids, ref = reference
     with torch.no_grad():
         logits = model(ids).float()
@@ -90,30 +96,33 @@ def test_logits_close_to_fp32(quantized, reference):
 
 
 def test_weights_are_stored_in_the_precision(quantized):
-    precision, model = quantized
+    precision, model, ours = quantized
     fp32_bytes = weight_bytes_per_token(tiny())
     ratio = weight_bytes_per_token(model) / fp32_bytes
-    # the norms stay bf16; int8 adds a scale per row, int4 a scale and zero per 128 columns
-    # (bf16 in torchao's packing, fp32 in ours)
-    ours = precision == "int4" and cpu_kernels.available()
+    # the norms follow the activations (fp32 on our kernels, else bf16); int8 adds a scale per
+    # row, int4 a scale and zero per 128 columns (fp32 in ours, bf16 in torchao's packing)
     assert {
-        "bf16": 0.49 < ratio <= 0.51,
+        "bf16": 0.50 < ratio < 0.51 if ours else 0.49 < ratio <= 0.50,
         "int8": 0.25 < ratio < 0.26,
         "int4": 0.14 < ratio < 0.145 if ours else 0.13 < ratio < 0.14,
-        "int4-torchao": 0.13 < ratio < 0.14,
-    }[precision]
-    assert next(model.tok_embeddings.parameters()).dtype == torch.bfloat16
+    }[precision], ratio
+    activations = torch.float32 if ours else torch.bfloat16
+    assert next(model.tok_embeddings.parameters()).dtype == activations
     q_proj = model.layers[0].attn.q_proj
+    if precision == "bf16":
+        assert type(q_proj) is (Bf16Linear if ours else nn.Linear)
+        assert q_proj.weight.dtype == torch.bfloat16
     if precision == "int8":
         assert isinstance(q_proj, Int8Linear) and q_proj.weight_int8.dtype == torch.int8
-    if precision == "int4" and cpu_kernels.available():
+        assert q_proj.cpu_kernel == ours
+    if precision == "int4" and ours:
         assert isinstance(q_proj, Int4Linear) and q_proj.weight_int4.dtype == torch.uint8
-    elif precision.startswith("int4"):
+    elif precision == "int4":
         assert type(q_proj.weight).__name__ == "AffineQuantizedTensor"
 
 
 def test_generate_batch_equals_single(quantized):
-    precision, model = quantized
+    precision, model, _ = quantized
     prompts = [prompt(1, seed=1), prompt(3, seed=2)]  # different lengths: left padding
     kw = dict(semantic=SamplingParams(1.5, 100), acoustic=SamplingParams(1.0, 50), seed=[3, 4])
     batch = generate(model, prompts, VOCAB, 6, stop_at_end=False, **kw)
@@ -128,11 +137,11 @@ def test_generate_batch_equals_single(quantized):
 def test_eval_scores_close_to_fp32(quantized, tokenizer_and_pairs):
     from llama_mimi_tt.evaluation import score_pairs
 
-    precision, model = quantized
+    precision, model, _ = quantized
     tokenizer, pairs, codes, ref = tokenizer_and_pairs
     got = score_pairs(model, tokenizer, pairs, codes, batch_size=4, progress=False)
     # per-token mean log-probabilities (~ -10); int4's logits move by up to 0.3
-    tolerance = 0.05 if precision.startswith("int4") else 0.01
+    tolerance = 0.05 if precision == "int4" else 0.01
     for r, g in zip(ref, got):
         for k in ("score_positive", "score_negative"):
             assert abs(r[k] - g[k]) < tolerance, (precision, k)
