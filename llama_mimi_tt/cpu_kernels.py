@@ -158,16 +158,11 @@ def pack_int8(weight: torch.Tensor):
     return in_huge_pages(q.contiguous()), scales
 
 
-def _call(name: str, *args) -> None:
-    so = _library()
-    if so is None:
-        raise RuntimeError("the CPU kernels are not available on this machine")
-    status = getattr(so, name)(*args, torch.get_num_threads())
-    if status:
-        raise RuntimeError(f"{name} failed (status {status}); K must be a multiple of {GROUP_SIZE}")
-
-
-def _check(x: torch.Tensor, weight: torch.Tensor, columns: int, kind: str) -> None:
+def _run(name: str, x: torch.Tensor, weight: torch.Tensor, columns: int, *extra) -> torch.Tensor:
+    """``x [M, K] @ w.T`` as float32 ``[M, N]`` by the C function ``name``, whose arguments are
+    ``x, M, K, weight, *extra, N, y, threads`` (``extra``: the weight's fp32 scales, zeros)."""
+    kind = name.split("_")[0]
+    x = x.float().contiguous()
     if not (x.is_cpu and weight.is_cpu):
         raise ValueError(
             f"the {kind} CPU kernel takes CPU tensors, not {x.device} and {weight.device}: "
@@ -175,6 +170,19 @@ def _check(x: torch.Tensor, weight: torch.Tensor, columns: int, kind: str) -> No
         )
     if x.dim() != 2 or x.shape[1] != columns or columns % GROUP_SIZE:
         raise ValueError(f"x has shape {tuple(x.shape)}; the {kind} weight has {columns} columns")
+    so = _library()
+    if so is None:
+        raise RuntimeError("the CPU kernels are not available on this machine")
+    n = weight.shape[0]
+    y = x.new_empty(x.shape[0], n)
+    tensors = [weight.contiguous(), *(t.float().contiguous() for t in extra)]
+    pointers = [t.data_ptr() for t in tensors]
+    status = getattr(so, name)(
+        x.data_ptr(), x.shape[0], columns, *pointers, n, y.data_ptr(), torch.get_num_threads()
+    )
+    if status:
+        raise RuntimeError(f"{name} failed (status {status}); K must be a multiple of {GROUP_SIZE}")
+    return y
 
 
 # The kernels as torch custom ops: ``x [M, K] @ w.T`` as float32 ``[M, N]``. torch.compile sees
@@ -185,55 +193,26 @@ def int4_matmul(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> torch.Tensor:
     """For ``pack_int4``'s weight; x is quantized to int8 per group of 128."""
-    x, (n, half) = x.float().contiguous(), packed.shape
-    _check(x, packed, 2 * half, "int4")
-    y = x.new_empty(x.shape[0], n)
-    packed = packed.contiguous()
-    scales, zeros = scales.float().contiguous(), zeros.float().contiguous()
-    _call(
-        "int4_matmul", x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(),
-        scales.data_ptr(), zeros.data_ptr(), n, y.data_ptr(),
-    )  # fmt: skip
-    return y
+    return _run("int4_matmul", x, packed, 2 * packed.shape[1], scales, zeros)
 
 
 @torch.library.custom_op("llama_mimi_tt::int8_matmul", mutates_args=())
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """For ``pack_int8``'s weight; x is quantized to int8 per group of 128."""
-    x, (n, k) = x.float().contiguous(), weight.shape
-    _check(x, weight, k, "int8")
-    y = x.new_empty(x.shape[0], n)
-    weight, scales = weight.contiguous(), scales.float().contiguous()
-    _call(
-        "int8_matmul", x.data_ptr(), x.shape[0], k, weight.data_ptr(), scales.data_ptr(), n,
-        y.data_ptr(),
-    )  # fmt: skip
-    return y
+    return _run("int8_matmul", x, weight, weight.shape[1], scales)
 
 
 @torch.library.custom_op("llama_mimi_tt::bf16_matmul", mutates_args=())
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """For a bf16 weight ``[N, K]``; x is rounded to bf16, products summed in fp32."""
-    x, (n, k) = x.float().contiguous(), weight.shape
-    _check(x, weight, k, "bf16")
     if weight.dtype != torch.bfloat16:
         raise ValueError(f"bf16_matmul needs a bf16 weight, not {weight.dtype}")
-    y = x.new_empty(x.shape[0], n)
-    weight = weight.contiguous()
-    _call("bf16_matmul", x.data_ptr(), x.shape[0], k, weight.data_ptr(), n, y.data_ptr())
-    return y
+    return _run("bf16_matmul", x, weight, weight.shape[1])
 
 
-@int4_matmul.register_fake
-def _(x, packed, scales, zeros):
-    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
-
-
-@int8_matmul.register_fake
-def _(x, weight, scales):
+def _fake(x, weight, *rest):  # shape and dtype only, for torch.compile's tracing
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
-@bf16_matmul.register_fake
-def _(x, weight):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+for _op in (int4_matmul, int8_matmul, bf16_matmul):
+    _op.register_fake(_fake)
