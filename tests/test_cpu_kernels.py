@@ -103,6 +103,9 @@ def test_a_bad_shape_is_refused():
         cpu_kernels.int8_matmul(torch.randn(1, 128), q, scales)
     with pytest.raises(ValueError, match="needs a bf16 weight, not torch.float32"):
         cpu_kernels.bf16_matmul(torch.randn(1, 256), weight())
+    # a weight moved off the CPU after quantizing (the op itself would take the meta path)
+    with pytest.raises(ValueError, match="takes CPU tensors, not cpu and meta: quantize the model"):
+        cpu_kernels._run("int8_matmul", torch.randn(1, 256), q.to("meta"), 256, scales)
 
 
 @needs["int8"]
