@@ -1,14 +1,16 @@
-"""Our matrix-vector kernels for AVX-512 CPUs (``kernels/cpu_matmul.c``), built once with gcc.
+"""Our kernels for decoding on AVX-512 CPUs (``kernels/cpu_matmul.c``), built once with gcc.
 
 Batch-1 decoding is one matrix-vector product per linear layer, so its speed is the rate at
 which the weights stream from memory. PyTorch's CPU kernels read them at 10-20 GB/s on a
 2-core AVX-512 machine where a plain read reaches 25-30 GB/s; ours stream int4 and int8 weights
 through VNNI's ``vpdpbusd`` and bf16 weights through ``vdpbf16ps`` at the read rate
-(bench/RESULTS.md). The C file is compiled on first use into ``$XDG_CACHE_HOME/llama_mimi_tt``
-(keyed by its hash) and called through ctypes, wrapped as torch custom ops so that
-``torch.compile`` keeps them in its graph. ``available(kernel)`` is False where the CPU lacks
-the instructions, gcc is missing or the build fails; quantize then uses PyTorch's or torchao's.
-``LLAMA_MIMI_NO_CPU_KERNELS=1`` turns them all off.
+(bench/RESULTS.md). ``decode_attention`` attends one query per sequence over a grouped-query KV
+cache without expanding its heads (fused_layers.py uses it). The C file is compiled on first
+use into ``$XDG_CACHE_HOME/llama_mimi_tt`` (keyed by its hash) and called through ctypes,
+wrapped as torch custom ops so that ``torch.compile`` keeps them in its graph.
+``available(kernel)`` is False where the CPU lacks the instructions, gcc is missing or the
+build fails; quantize then uses PyTorch's or torchao's. ``LLAMA_MIMI_NO_CPU_KERNELS=1`` turns
+them all off.
 """
 
 import ctypes
@@ -33,6 +35,7 @@ CPU_FLAGS = {  # what each kernel needs from /proc/cpuinfo
     "int4": ("avx512f", "avx512bw", "avx512_vnni"),
     "int8": ("avx512f", "avx512bw", "avx512_vnni"),
     "bf16": ("avx512f", "avx512bw", "avx512_bf16"),
+    "attention": ("avx512f",),
 }
 GCC_FLAGS = [
     "-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fopenmp", "-shared",
@@ -43,6 +46,7 @@ _SIGNATURES = {  # (pointers and ints of each C function, in order)
     "int4_matmul": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
     "int8_matmul": [_P, _I, _I, _P, _P, _I, _P, _I],
     "bf16_matmul": [_P, _I, _I, _P, _I, _P, _I],
+    "decode_attention": [_P, _I, _I, _I, _I, _P, _P, _I, _P, ctypes.c_float, _P, _I],
 }
 
 
@@ -99,12 +103,12 @@ def _build(lib: Path) -> None:
 
 
 def available_on_cpu(kernel: str) -> bool:
-    """Whether this CPU has the instructions ``kernel`` (int4, int8 or bf16) needs."""
+    """Whether this CPU has the instructions ``kernel`` (int4, int8, bf16, attention) needs."""
     return all(flag in _cpu_flags() for flag in CPU_FLAGS[kernel])
 
 
 def available(kernel: str = "int4") -> bool:
-    """Whether ``kernel`` (int4, int8 or bf16) runs on this machine."""
+    """Whether ``kernel`` (int4, int8, bf16 or attention) runs on this machine."""
     return available_on_cpu(kernel) and _library() is not None
 
 
@@ -185,34 +189,90 @@ def _run(name: str, x: torch.Tensor, weight: torch.Tensor, columns: int, *extra)
     return y
 
 
-# The kernels as torch custom ops: ``x [M, K] @ w.T`` as float32 ``[M, N]``. torch.compile sees
-# them as opaque calls with the shapes their fake functions give, so a compiled decode step
-# fuses the work around them instead of breaking its graph at every linear layer.
-@torch.library.custom_op("llama_mimi_tt::int4_matmul", mutates_args=())
+def _matmul_fake(x, weight, *rest):  # shape and dtype only, for torch.compile's tracing
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+def _op(fake):
+    """The decorated function as a torch custom op ``llama_mimi_tt::<name>`` with the fake
+    function ``fake``: torch.compile keeps it in its graph as an opaque call, so a compiled
+    decode step fuses the work around the kernels instead of breaking at every layer. Eager
+    calls go to the function itself: the dispatcher costs 10-15 µs a call, about 1 ms of a
+    decode step's 80 calls."""
+
+    def wrap(fn):
+        op = torch.library.custom_op(f"llama_mimi_tt::{fn.__name__}", fn, mutates_args=())
+        op.register_fake(fake)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+        return call
+
+    return wrap
+
+
+@_op(_matmul_fake)
 def int4_matmul(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> torch.Tensor:
-    """For ``pack_int4``'s weight; x is quantized to int8 per group of 128."""
+    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for ``pack_int4``'s weight; x is quantized to
+    int8 per group of 128."""
     return _run("int4_matmul", x, packed, 2 * packed.shape[1], scales, zeros)
 
 
-@torch.library.custom_op("llama_mimi_tt::int8_matmul", mutates_args=())
+@_op(_matmul_fake)
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """For ``pack_int8``'s weight; x is quantized to int8 per group of 128."""
+    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for ``pack_int8``'s weight; x is quantized to
+    int8 per group of 128."""
     return _run("int8_matmul", x, weight, weight.shape[1], scales)
 
 
-@torch.library.custom_op("llama_mimi_tt::bf16_matmul", mutates_args=())
+@_op(_matmul_fake)
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """For a bf16 weight ``[N, K]``; x is rounded to bf16, products summed in fp32."""
+    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for a bf16 weight ``[N, K]``; x is rounded to
+    bf16, products summed in fp32."""
     if weight.dtype != torch.bfloat16:
         raise ValueError(f"bf16_matmul needs a bf16 weight, not {weight.dtype}")
     return _run("bf16_matmul", x, weight, weight.shape[1])
 
 
-def _fake(x, weight, *rest):  # shape and dtype only, for torch.compile's tracing
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-
-
-for _op in (int4_matmul, int8_matmul, bf16_matmul):
-    _op.register_fake(_fake)
+@_op(lambda q, k, v, valid, scale: torch.empty_like(q))
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax attention of one query per sequence over a KV cache, grouped-query, as float32
+    ``[B, H, D]``: ``q [B, H, D]``, ``k`` and ``v`` ``[B, H_kv, L, D]`` float32 (query head
+    ``j`` reads key/value head ``j // (H / H_kv)``), ``valid [B, L]`` bool (the positions each
+    sequence attends to; at least one), scores scaled by ``scale``. Each cached row is read once
+    for its group of query heads, and nothing after the last valid position: the key/value
+    heads are never expanded."""
+    b, h, d = q.shape
+    if not all(t.is_cpu and t.dtype == torch.float32 for t in (q, k, v)):
+        raise ValueError("decode_attention takes float32 CPU tensors")
+    if k.shape != v.shape or k.dim() != 4 or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(
+            f"q {tuple(q.shape)} does not match k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if valid.shape != (b, k.shape[2]) or valid.dtype != torch.bool:
+        raise ValueError(
+            f"valid must be bool {(b, k.shape[2])}, not {valid.dtype} {tuple(valid.shape)}"
+        )
+    so = _library()
+    if so is None:
+        raise RuntimeError("the CPU kernels are not available on this machine")
+    q, k, v, valid = (t.contiguous() for t in (q, k, v, valid))
+    out = torch.empty_like(q)
+    status = so.decode_attention(
+        q.data_ptr(), b, h, k.shape[1], d, k.data_ptr(), v.data_ptr(), k.shape[2],
+        valid.data_ptr(), scale, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status == 2:
+        raise MemoryError("decode_attention: out of memory for the scores")
+    if status:
+        raise ValueError(
+            f"decode_attention needs a head size that is a multiple of 16 (at most 256) and at "
+            f"most 16 query heads per key/value head, not {d} and {h} / {k.shape[1]}"
+        )
+    return out

@@ -1,11 +1,13 @@
-"""Our CPU kernels (int4, int8, bf16): the packings round-trip, each matmul equals the
-dequantized weight's within its activation rounding, threads change nothing, bad shapes are
-clear errors, torch.compile keeps them in one graph, and weights land in huge pages."""
+"""Our CPU kernels (int4, int8, bf16 matmuls; the decode attention): the packings round-trip,
+each matmul equals the dequantized weight's within its activation rounding, the attention equals
+PyTorch's SDPA over the expanded heads, threads change nothing, bad shapes are clear errors,
+torch.compile keeps them in one graph, and weights land in huge pages."""
 
 import mmap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llama_mimi_tt import cpu_kernels
 
@@ -121,6 +123,74 @@ def test_compiled_layers_keep_the_kernels_in_one_graph():
         compiled = torch.compile(layers, fullgraph=True)(x)  # a graph break would raise
     assert compiled.shape == (1, 1, 256)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def sdpa_reference(q, k, v, valid):
+    """torchtune's decode attention: key/value heads expanded to the query heads, then SDPA."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None])[
+        :, :, 0
+    ]
+
+
+@needs["attention"]
+@pytest.mark.parametrize(
+    "b, heads, kv_heads, length, dim",
+    [(1, 32, 8, 150, 64), (3, 4, 2, 37, 32), (2, 8, 8, 300, 128), (2, 6, 2, 5, 16)],
+)
+def test_decode_attention_equals_sdpa_over_the_expanded_heads(b, heads, kv_heads, length, dim):
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(b, heads, dim, generator=g) * 2  # scores of +-20: the softmax is peaked
+    k = torch.randn(b, kv_heads, length, dim, generator=g)
+    v = torch.randn(b, kv_heads, length, dim, generator=g)
+    valid = torch.rand(b, length, generator=g) > 0.3  # holes, as left padding makes
+    valid[:, 0] = True
+    valid[0, length // 2 :] = False  # the cache's unfilled tail
+    out = cpu_kernels.decode_attention(q, k, v, valid, dim**-0.5)
+    assert out.shape == (b, heads, dim) and out.dtype == torch.float32
+    torch.testing.assert_close(out, sdpa_reference(q, k, v, valid), rtol=1e-5, atol=2e-6)
+    # what lies in the invalid positions is never read into the result
+    k2, v2 = k.clone(), v.clone()
+    k2[~valid[:, None, :].expand_as(k[..., 0])] = float("nan")
+    v2[~valid[:, None, :].expand_as(v[..., 0])] = 1e30
+    assert torch.equal(cpu_kernels.decode_attention(q, k2, v2, valid, dim**-0.5), out)
+
+
+@needs["attention"]
+def test_decode_attention_threads_and_empty_rows():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 8, 64, generator=g), *torch.randn(2, 2, 2, 64, 64, generator=g)
+    valid = torch.ones(2, 64, dtype=torch.bool)
+    valid[1] = False  # no position to attend to: zeros, not NaN
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.decode_attention(q, k, v, valid, 0.125)
+        torch.set_num_threads(2)
+        two = cpu_kernels.decode_attention(q, k, v, valid, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(one[1], torch.zeros(8, 64))
+
+
+@needs["attention"]
+def test_decode_attention_refuses_what_it_cannot_compute():
+    q, k, valid = (
+        torch.randn(1, 4, 24),
+        torch.randn(1, 2, 8, 24),
+        torch.ones(1, 8, dtype=torch.bool),
+    )
+    with pytest.raises(ValueError, match="head size that is a multiple of 16"):
+        cpu_kernels.decode_attention(q, k, k, valid, 1.0)
+    q, k = torch.randn(1, 4, 32), torch.randn(1, 2, 8, 32)
+    with pytest.raises(ValueError, match="float32 CPU tensors"):
+        cpu_kernels.decode_attention(q.bfloat16(), k, k, valid, 1.0)
+    with pytest.raises(ValueError, match=r"valid must be bool \(1, 8\)"):
+        cpu_kernels.decode_attention(q, k, k, valid[:, :4], 1.0)
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_kernels.decode_attention(q, k, k[..., :16], valid, 1.0)
 
 
 def test_huge_page_copies_hold_the_same_values():
