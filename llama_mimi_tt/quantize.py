@@ -6,7 +6,9 @@ weights read per token) are quantized; the rest is cast to the activation dtype 
 CPU kernels, else bf16): bf16 2 bytes per weight, int8 1 (a scale per output row), int4 0.5
 (+ a scale and zero per group of ``quantize_group_size`` columns). On CPUs with AVX-512 the decode steps run on our
 matrix-vector kernels (cpu_kernels.py), which stream the weights 1.5-2x faster than PyTorch's:
-:class:`Bf16Linear`, :class:`Int8Linear` and :class:`Int4Linear`. Elsewhere bf16 is
+:class:`Bf16Linear`, :class:`Int8Linear` and :class:`Int4Linear`, in layers whose q/k/v and
+gate/up projections are fused and whose decode steps attend with our grouped-query kernel
+(fused_layers.py): four kernel calls a layer instead of seven. Elsewhere bf16 is
 ``F.linear``, int8 aten's ``_weight_int8pack_mm`` (torchao's ``Int8WeightOnlyConfig`` on CUDA)
 and int4 torchao's ``Int4WeightOnlyConfig(version=1)``. Speed and quality per precision, CPU
 and GPU: bench/bench_quantize.py and bench/RESULTS.md.
@@ -22,6 +24,7 @@ from torch import nn
 
 from llama_mimi_tt import cpu_kernels
 from llama_mimi_tt.errors import UserError
+from llama_mimi_tt.fused_layers import fuse_layers
 
 PRECISIONS = ("none", "bf16", "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # the int4 group sizes torchao's kernels accept
@@ -264,7 +267,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
     ``activation_dtype`` (the activations, norms, embedding, output projection and KV cache
     follow it: fp32 on our CPU kernels, else bf16), then replaces the decoder layers' linear
     layers: on our CPU kernels by :class:`Bf16Linear`, :class:`Int8Linear` or
-    :class:`Int4Linear`; elsewhere int8 by :class:`Int8Linear` (torchao's on CUDA), int4 by
+    :class:`Int4Linear`, after fusing q/k/v and gate/up (``fuse_layers``; the state dict then
+    has ``qkv_proj`` and ``gate_up_proj`` keys: quantize for inference, never to save);
+    elsewhere int8 by :class:`Int8Linear` (torchao's on CUDA), int4 by
     torchao's ``quantize_`` and bf16 stays ``nn.Linear``. Call it after the weights are loaded
     and before generation or scoring.
     """
@@ -273,6 +278,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
         return model
     model.to(device=device, dtype=spec.activation_dtype(device))
     if spec.uses_cpu_kernel(device):
+        fuse_layers(model)  # q/k/v and gate/up as one projection each, our decode attention
         make = {"bf16": Bf16Linear.of, "int8": Int8Linear, "int4": Int4Linear}[spec.precision]
         _replace_linears(model, make)
     elif spec.precision == "int8" and device.type == "cuda":

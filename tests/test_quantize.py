@@ -108,7 +108,8 @@ def test_weights_are_stored_in_the_precision(quantized):
     }[precision], ratio
     activations = torch.float32 if ours else torch.bfloat16
     assert next(model.tok_embeddings.parameters()).dtype == activations
-    q_proj = model.layers[0].attn.q_proj
+    attn = model.layers[0].attn  # on our kernels q, k and v are one projection (fused_layers)
+    q_proj = attn.qkv_proj if ours else attn.q_proj
     if precision == "bf16":
         assert type(q_proj) is (Bf16Linear if ours else nn.Linear)
         assert q_proj.weight.dtype == torch.bfloat16
