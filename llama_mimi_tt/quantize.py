@@ -53,6 +53,8 @@ class QuantSpec:
 
     def describe(self, device: Optional[torch.device] = None) -> str:
         """One line for logs and summaries, e.g. ``int8 (per-row scales), bf16 activations``."""
+        if self.precision == "none" and self.uses_cpu_kernel(device):
+            return "none (weights as loaded; fp32 ones run decode steps on our AVX-512 kernel)"
         if self.precision == "none":
             return "none (weights as loaded)"
         if self.uses_cpu_kernel(device):
@@ -72,12 +74,12 @@ class QuantSpec:
 
     def uses_cpu_kernel(self, device: Optional[torch.device]) -> bool:
         """Whether the decoder layers run on our CPU kernels (cpu_kernels.py) rather than
-        PyTorch's or torchao's (int4: group 128 only)."""
+        PyTorch's or torchao's (int4: group 128 only; none: fp32 weights only)."""
+        kernel = "fp32" if self.precision == "none" else self.precision
         return (
-            self.precision != "none"
-            and (device is None or device.type == "cpu")
+            (device is None or device.type == "cpu")
             and (self.precision != "int4" or self.group_size == cpu_kernels.GROUP_SIZE)
-            and cpu_kernels.available(self.precision)
+            and cpu_kernels.available(kernel)
         )
 
 
@@ -112,23 +114,42 @@ class Bf16Linear(nn.Linear):
     """A bias-free linear layer with a bf16 weight whose matrix-vector products (at most 4 rows
     of input: a decode step) run on our AVX512_BF16 kernel (:mod:`cpu_kernels`), 1.5x
     PyTorch's at batch 1; longer inputs (a prompt, a scored sequence) go through ``F.linear``
-    in bf16. Either way the output has the input's dtype. Its state dict is an ``nn.Linear``'s.
+    in the weight's dtype. Either way the output has the input's dtype. Its state dict is an
+    ``nn.Linear``'s.
     """
+
+    weight_dtype = torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows > _GEMV_ROWS or not x.is_cpu:
             return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-        y = cpu_kernels.bf16_matmul(x.reshape(rows, -1), self.weight)
+        y = self._kernel(x.reshape(rows, -1), self.weight)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    @staticmethod
+    def _kernel(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.bf16_matmul(x, weight)
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> "Bf16Linear":
-        """The layer of a bias-free linear's ``weight``, in bf16 (in huge pages on a CPU)."""
+        """The layer of a bias-free linear's ``weight``, in ``weight_dtype`` (in huge pages on
+        a CPU)."""
         layer = cls(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        bf16 = cpu_kernels.in_huge_pages(weight.to(torch.bfloat16))
-        layer.weight = nn.Parameter(bf16, requires_grad=False)
+        dense = cpu_kernels.in_huge_pages(weight.to(cls.weight_dtype))
+        layer.weight = nn.Parameter(dense, requires_grad=False)
         return layer
+
+
+class Fp32Linear(Bf16Linear):
+    """:class:`Bf16Linear` for an fp32 weight (``quantize: none`` on a CPU with AVX-512): decode
+    steps on our fp32 kernel, which streams the weight about 1.7x faster than PyTorch's."""
+
+    weight_dtype = torch.float32
+
+    @staticmethod
+    def _kernel(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.fp32_matmul(x, weight)
 
 
 class Int8Linear(nn.Module):
@@ -203,6 +224,12 @@ def _replace_linears(model: nn.Module, make) -> None:
         setattr(model.get_submodule(parent_name), child, make(lin.weight))
 
 
+def _fp32_layers(model: nn.Module) -> bool:
+    """Whether every linear layer of the decoder layers holds an fp32 weight."""
+    linears = _layer_linears(model)
+    return bool(linears) and all(m.weight.dtype == torch.float32 for _, m in linears)
+
+
 def _layer_linears(model: nn.Module):
     """``(name, module)`` of every ``nn.Linear`` inside ``model.layers``."""
     layers = getattr(model, "layers", None)
@@ -263,7 +290,9 @@ def _int4_config(spec: QuantSpec, device: torch.device):
 def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> nn.Module:
     """Applies ``spec`` to a loaded torchtune decoder in place and returns it.
 
-    ``none`` leaves the model as it is. Every other precision casts the whole model to its
+    ``none`` keeps the weights as they are; on our CPU kernels an fp32 model's layers are fused
+    and its linear layers become :class:`Fp32Linear` (same weights, our kernel for decode
+    steps). Every other precision casts the whole model to its
     ``activation_dtype`` (the activations, norms, embedding, output projection and KV cache
     follow it: fp32 on our CPU kernels, else bf16), then replaces the decoder layers' linear
     layers: on our CPU kernels by :class:`Bf16Linear`, :class:`Int8Linear` or
@@ -275,6 +304,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
     """
     check_quantizable(model, spec, device)
     if spec.precision == "none":
+        if spec.uses_cpu_kernel(device) and _fp32_layers(model):
+            fuse_layers(model)
+            _replace_linears(model, Fp32Linear.of)
         return model
     model.to(device=device, dtype=spec.activation_dtype(device))
     if spec.uses_cpu_kernel(device):

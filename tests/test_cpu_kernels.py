@@ -32,6 +32,8 @@ def packed(kind, w):
     if kind == "int8":
         q, scales = cpu_kernels.pack_int8(w)
         return (lambda x: cpu_kernels.int8_matmul(x, q, scales)), q.float() * scales[:, None]
+    if kind == "fp32":
+        return (lambda x: cpu_kernels.fp32_matmul(x, w)), w
     b = w.to(torch.bfloat16)
     return (lambda x: cpu_kernels.bf16_matmul(x, b)), b.float()
 
@@ -59,10 +61,10 @@ def test_int8_packing_round_trips_within_half_a_step():
 
 # relative error against the dequantized weight: int8 activations per group of 128 (int4,
 # int8; about 0.6% measured) or bf16 activations (bf16; about 0.3%)
-TOLERANCE = {"int4": 0.02, "int8": 0.02, "bf16": 0.01}
+TOLERANCE = {"int4": 0.02, "int8": 0.02, "bf16": 0.01, "fp32": 1e-6}
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int4", "int8", "bf16", "fp32"])
 @pytest.mark.parametrize("m", [1, 3])
 def test_matmul_equals_the_dequantized_weight(kind, m):
     if not cpu_kernels.available(kind):
@@ -70,15 +72,15 @@ def test_matmul_equals_the_dequantized_weight(kind, m):
     call, dense = packed(kind, weight())
     x = torch.randn(m, 256, generator=torch.Generator().manual_seed(1))
     x[0, :128] = 0.0  # an all-zero group of activations
-    ref = x @ dense.T
     for inp in (x, x.to(torch.bfloat16)):
+        ref = inp.float() @ dense.T  # the exact product of what the kernel was given
         y = call(inp)
         assert y.shape == (m, 48) and y.dtype == torch.float32 and torch.isfinite(y).all()
         rel = (y - ref).norm() / ref.norm()
         assert rel < TOLERANCE[kind], float(rel)
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int4", "int8", "bf16", "fp32"])
 def test_threads_do_not_change_the_result(kind):
     if not cpu_kernels.available(kind):
         pytest.skip(f"this CPU or machine cannot run the {kind} kernel")

@@ -22,6 +22,7 @@ from llama_mimi_tt.generation import SamplingParams, generate
 from llama_mimi_tt.models import llama_mimi_tiny
 from llama_mimi_tt.quantize import (
     Bf16Linear,
+    Fp32Linear,
     Int4Linear,
     Int8Linear,
     QuantSpec,
@@ -39,10 +40,15 @@ BOS = 256
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
 # precision: (max |logit - fp32 logit|, mean KL(fp32 || precision), top-1 agreement at least)
-BOUNDS = {"bf16": (0.03, 1e-5, 0.9), "int8": (0.05, 5e-5, 0.9), "int4": (0.6, 5e-3, 0.5)}
+BOUNDS = {
+    "none": (1e-4, 1e-9, 1.0),  # fp32 on our kernel: only the order of the sums differs
+    "bf16": (0.03, 1e-5, 0.9),
+    "int8": (0.05, 5e-5, 0.9),
+    "int4": (0.6, 5e-3, 0.5),
+}
 # each precision on our CPU kernels where this CPU has them, and on PyTorch's / torchao's
 # ("-torch": LLAMA_MIMI_NO_CPU_KERNELS=1), which every other machine uses
-ROUTES = ["bf16", "bf16-torch", "int8", "int8-torch", "int4", "int4-torch"]
+ROUTES = ["none", "bf16", "bf16-torch", "int8", "int8-torch", "int4", "int4-torch"]
 
 
 def tiny(seed: int = 0) -> nn.Module:
@@ -102,14 +108,18 @@ def test_weights_are_stored_in_the_precision(quantized):
     # the norms follow the activations (fp32 on our kernels, else bf16); int8 adds a scale per
     # row, int4 a scale and zero per 128 columns (fp32 in ours, bf16 in torchao's packing)
     assert {
+        "none": ratio == 1.0,
         "bf16": 0.50 < ratio < 0.51 if ours else 0.49 < ratio <= 0.50,
         "int8": 0.25 < ratio < 0.26,
         "int4": 0.14 < ratio < 0.145 if ours else 0.13 < ratio < 0.14,
     }[precision], ratio
-    activations = torch.float32 if ours else torch.bfloat16
+    activations = torch.float32 if ours or precision == "none" else torch.bfloat16
     assert next(model.tok_embeddings.parameters()).dtype == activations
     attn = model.layers[0].attn  # on our kernels q, k and v are one projection (fused_layers)
     q_proj = attn.qkv_proj if ours else attn.q_proj
+    if precision == "none":
+        assert type(q_proj) is (Fp32Linear if ours else nn.Linear)
+        assert q_proj.weight.dtype == torch.float32
     if precision == "bf16":
         assert type(q_proj) is (Bf16Linear if ours else nn.Linear)
         assert q_proj.weight.dtype == torch.bfloat16
@@ -142,7 +152,7 @@ def test_eval_scores_close_to_fp32(quantized, tokenizer_and_pairs):
     tokenizer, pairs, codes, ref = tokenizer_and_pairs
     got = score_pairs(model, tokenizer, pairs, codes, batch_size=4, progress=False)
     # per-token mean log-probabilities (~ -10); int4's logits move by up to 0.3
-    tolerance = 0.05 if precision == "int4" else 0.01
+    tolerance = {"none": 1e-4, "int4": 0.05}.get(precision, 0.01)
     for r, g in zip(ref, got):
         for k in ("score_positive", "score_negative"):
             assert abs(r[k] - g[k]) < tolerance, (precision, k)
@@ -165,6 +175,7 @@ def tokenizer_and_pairs():
 # ---- errors ----------------------------------------------------------------------------------
 def test_parse_values_and_errors():
     assert parse_quantize(None) == QuantSpec("none", 128)
+    assert parse_quantize(None).activation_dtype(CPU) is None  # none never casts
     assert parse_quantize("INT4", "64") == QuantSpec("int4", 64)
     assert "group 64" in parse_quantize("int4", 64).describe(CPU)
     with pytest.raises(UserError, match=r"quantize='fp8'.*none, bf16, int8, int4"):
