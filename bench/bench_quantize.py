@@ -101,11 +101,11 @@ def _builder(num_layers, max_seq_len):
 
 def build_precision(fp32_model, precision, device, num_layers=None):
     """A copy of the fp32 model in the precision's activation dtype (bf16, or fp32 on our CPU
-    kernels), then ``quantize_model``."""
-    if precision == "none":
-        return fp32_model
+    kernels; none: fp32), then ``quantize_model`` (none on our CPU kernels: the fused layers
+    and our fp32 kernel)."""
     spec = parse_quantize(precision)
-    with training.set_default_dtype(spec.activation_dtype(device)), torch.device("meta"):
+    dtype = spec.activation_dtype(device) or torch.float32
+    with training.set_default_dtype(dtype), torch.device("meta"):
         model = _builder(num_layers, fp32_model.max_seq_len)()
     model.to_empty(device=device)
     model.load_state_dict(fp32_model.state_dict())  # copies into the bf16 parameters
@@ -223,15 +223,10 @@ def run(
         _time_hf(hf, prompt, 2)  # warm-up
         peer_bytes[hf_dtype] = sum(p.numel() * p.element_size() for p in hf.parameters())
         t_full, t_one = [], []
-        ours_runs = []
-        for _ in range(repeats):  # interleaved with ours in fp32 (the first row of the table)
+        for _ in range(repeats):
             t_full.append(_time_hf(hf, prompt, new_tokens))
             t_one.append(_time_hf(hf, prompt, 1))
-            if hf_dtype == "fp32":
-                ours_runs.append(time_probed(device, bw, fp32, prompt, vocab, new_tokens))
         peer[hf_dtype] = dict(s=min(t_full), s_token=(min(t_full) - min(t_one)) / (new_tokens - 1))
-        if hf_dtype == "fp32":
-            results["none"] = ours_runs
         bw.append(bandwidth_probe(device))
         print(f"bench_quantize: transformers {hf_dtype}: {1 / peer[hf_dtype]['s_token']:.1f} "
               "tokens/s", flush=True)  # fmt: skip
@@ -242,16 +237,12 @@ def run(
     for precision in precisions:
         try:
             model = build_precision(fp32, precision, device, num_layers)
-            if precision != "none":
-                time_ours(model, prompt, vocab, 2 * Q)  # warm-up
-                results[precision] = [
-                    time_probed(device, bw, model, prompt, vocab, new_tokens)
-                    for _ in range(repeats)
-                ]
-                _, g = time_ours(model, prompt, vocab, greedy_tokens, GREEDY)
-                qual = quality(logits_of(model, seq), ref_logits, g.generated[0], ref_greedy)
-            else:
-                qual = quality(ref_logits, ref_logits, ref_greedy, ref_greedy)
+            time_ours(model, prompt, vocab, 2 * Q)  # warm-up
+            results[precision] = [
+                time_probed(device, bw, model, prompt, vocab, new_tokens) for _ in range(repeats)
+            ]
+            _, g = time_ours(model, prompt, vocab, greedy_tokens, GREEDY)
+            qual = quality(logits_of(model, seq), ref_logits, g.generated[0], ref_greedy)
         except Exception as e:  # report the precisions that run; say which did not
             print(f"bench_quantize: {precision} failed on {device}: {e!r}", flush=True)
             model = None
@@ -263,7 +254,7 @@ def run(
         )
         print(f"bench_quantize: ours {precision}: {1 / rows_q[precision]['s_token']:.1f} "
               "tokens/s", flush=True)  # fmt: skip
-        for mode in compile_modes if precision != "none" else ():
+        for mode in compile_modes:
             if time.monotonic() - started > budget_s:
                 print(f"bench_quantize: {precision} compiled ({mode}) skipped: over the time "
                       "budget", flush=True)  # fmt: skip
@@ -286,9 +277,8 @@ def run(
             )
             print(f"bench_quantize: ours {name}: {1 / rows_q[name]['s_token']:.1f} tokens/s "
                   f"(first call {warm:.0f} s)", flush=True)  # fmt: skip
-        if precision != "none":
-            del model
-            gc.collect()
+        del model
+        gc.collect()
         bw.append(bandwidth_probe(device))
     return _rows(
         rows_q, peer, peer_bytes, bw, new_tokens, repeats, greedy_tokens, threads, load, device
@@ -354,7 +344,7 @@ def _rows(rows_q, peer, peer_bytes, bw, new_tokens, repeats, greedy, threads, lo
                 bf16 = rows_q.get(", ".join(filter(None, ["bf16", mode])))
                 goals.append("faster than bf16")
                 met.append(bf16 is not None and r["s_token"] < bf16["s_token"])
-        name = "fp32 (none)" if precision == "none" else precision
+        name = "fp32 (none)" + precision[4:] if base == "none" else precision
         compiled = f"; first (compiling) call {r['compile_s']:.0f} s" if "compile_s" in r else ""
         rows.append(
             dict(
