@@ -48,6 +48,8 @@ _SIGNATURES = {  # (pointers and ints of each C function, in order)
     "int8_matmul": [_P, _I, _I, _P, _P, _I, _P, _I],
     "bf16_matmul": [_P, _I, _I, _P, _I, _P, _I],
     "fp32_matmul": [_P, _I, _I, _P, _I, _P, _I],
+    "rms_norm": [_P, _I, _I, _P, ctypes.c_float, _P],
+    "rope": [_P, _I, _I, _I, _I, ctypes.c_long, ctypes.c_long, _P, _I, _P, _P],
     "decode_attention": [_P, _I, _I, _I, _I, _P, _P, _I, _P, ctypes.c_float, _P, _I],
 }
 
@@ -286,3 +288,44 @@ def decode_attention(
             f"most 16 query heads per key/value head, not {d} and {h} / {k.shape[1]}"
         )
     return out
+
+
+# Eager-only helpers of a decode step (fused_layers.py calls them outside torch.compile, which
+# fuses this work itself): one C call each instead of 5-15 PyTorch ops of a few µs.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """torchtune's ``RMSNorm`` of fp32 ``x [..., n]`` with fp32 ``weight [n]``."""
+    so = _library()
+    if so is None or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise ValueError("rms_norm takes float32 CPU tensors, with the kernels built")
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    if so.rms_norm(
+        x.data_ptr(), x.numel() // n, n, weight.contiguous().data_ptr(), eps, y.data_ptr()
+    ):
+        raise ValueError(f"rms_norm needs a width that is a multiple of 16, not {n}")
+    return y
+
+
+def rope(x: torch.Tensor, cache: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """torchtune's RoPE (``RotaryPositionalEmbeddings`` and ``Llama3ScaledRoPE``: pairs
+    ``(2i, 2i + 1)`` rotated by ``cache [positions, d / 2, 2]`` = (cos, sin)) of fp32
+    ``x [b, s, heads, d]`` (heads contiguous) at ``input_pos [b, s]``, as a new tensor."""
+    b, s, heads, d = x.shape
+    so = _library()
+    if so is None or x.dtype != torch.float32 or cache.dtype != torch.float32:
+        raise ValueError("rope takes float32 CPU tensors, with the kernels built")
+    if x.stride(3) != 1 or x.stride(2) != d:
+        x = x.contiguous()
+    pos = input_pos.to(torch.int64).expand(b, s).contiguous()
+    cache = cache.contiguous()
+    y = x.new_empty(b, s, heads, d)
+    status = so.rope(
+        x.data_ptr(), b, s, heads, d, x.stride(0), x.stride(1), cache.data_ptr(),
+        cache.shape[0], pos.data_ptr(), y.data_ptr(),
+    )  # fmt: skip
+    if status:
+        raise ValueError(
+            f"rope: a position outside 0..{cache.shape[0] - 1} or an odd head size {d}"
+        )
+    return y

@@ -6,7 +6,8 @@ v, output, gate, up, down), and attends by first copying the 8 key/value heads o
 cache into 32. Here q, k and v are one projection, gate and up another (four calls a layer),
 RoPE is applied to q and k together, and a decode step attends with our grouped-query kernel
 (``cpu_kernels.decode_attention``), which reads each cached row once and stops at the last
-valid position. Longer inputs (the prompt, scoring) keep torchtune's attention. The outputs are
+valid position. In eager decode steps RoPE and the RMS norms are one C call each (compiled,
+inductor fuses them). Longer inputs (the prompt, scoring) keep torchtune's attention. The outputs are
 those of torchtune's layers (same weights, same RoPE, same masks); the state dict is not
 (``qkv_proj`` and ``gate_up_proj`` replace ``q/k/v_proj`` and ``w1/w3``): these layers are for
 inference after loading, never for checkpoints.
@@ -17,7 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchtune.modules import FeedForward, MultiHeadAttention
+from torchtune.models.llama3_1 import Llama3ScaledRoPE
+from torchtune.modules import FeedForward, MultiHeadAttention, RMSNorm, RotaryPositionalEmbeddings
 
 from llama_mimi_tt import cpu_kernels
 
@@ -46,6 +48,7 @@ class FusedAttention(MultiHeadAttention):
         del self.q_proj, self.k_proj, self.v_proj  # one projection instead
         self.qkv_proj = qkv_proj
         self.cache_enabled = attn.cache_enabled
+        self.cpu_kernels = cpu_kernels.available("attention")  # decided once: traceable
 
     def forward(
         self,
@@ -64,13 +67,13 @@ class FusedAttention(MultiHeadAttention):
         qkv = self.qkv_proj(x)
         qk = qkv[..., : (heads + kv_heads) * dim].view(b, s, heads + kv_heads, dim)
         if self.pos_embeddings is not None:  # the same positions for q and k: one call
-            qk = self.pos_embeddings(qk, input_pos=input_pos)
+            qk = self._rope(qk, input_pos)
         q, k = qk.split([heads, kv_heads], dim=2)
         v = qkv[..., (heads + kv_heads) * dim :].view(b, s, kv_heads, dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.kv_cache is not None and self.cache_enabled:
             k, v = self.kv_cache.update(k, v)
-        if _decode_step(q, k, mask):
+        if self.cpu_kernels and _decode_step(q, k, mask):
             out = cpu_kernels.decode_attention(
                 q.reshape(b, heads, dim), k, v, mask.reshape(b, -1), dim**-0.5
             )
@@ -87,6 +90,26 @@ class FusedAttention(MultiHeadAttention):
             ).transpose(1, 2)
         return self.output_proj(out.reshape(b, s, heads * dim))
 
+    def _rope(self, qk: torch.Tensor, input_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        """torchtune's RoPE; in eager decode steps (at most 4 positions) our C loop over its
+        cos/sin cache, 8 µs against 53 µs."""
+        if (
+            self.cpu_kernels
+            and not torch.compiler.is_compiling()  # compiled, inductor fuses it
+            and input_pos is not None
+            and qk.shape[1] <= _SMALL
+            and qk.is_cpu
+            and qk.dtype == torch.float32
+            and type(self.pos_embeddings) in _ROPES
+            and self.pos_embeddings.cache.dtype == torch.float32
+        ):
+            return cpu_kernels.rope(qk, self.pos_embeddings.cache, input_pos)
+        return self.pos_embeddings(qk, input_pos=input_pos)
+
+
+_SMALL = 4  # positions per sequence up to which the eager RMS norm and RoPE run in C
+_ROPES = (RotaryPositionalEmbeddings, Llama3ScaledRoPE)  # cache [positions, d / 2, (cos, sin)]
+
 
 def _decode_step(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
     """Whether our decode attention takes this call: one fp32 CPU query per sequence over a
@@ -100,6 +123,27 @@ def _decode_step(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor])
         and mask.shape == (q.shape[0], 1, k.shape[2])
         and q.shape[3] % 16 == 0
     )
+
+
+class DecodeRMSNorm(RMSNorm):
+    """torchtune's ``RMSNorm`` (same ``scale``, same output) whose eager decode steps (fp32,
+    at most 4 rows) run in C: 4 µs against 17 µs, three times a layer."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__(norm.normalized_shape[0], eps=norm.eps)
+        self.scale = norm.scale
+        self.cpu_kernels = cpu_kernels.available("attention")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.cpu_kernels
+            and not torch.compiler.is_compiling()
+            and x.numel() <= _SMALL * x.shape[-1]
+            and x.is_cpu
+            and x.dtype == self.scale.dtype == torch.float32
+        ):
+            return cpu_kernels.rms_norm(x, self.scale, self.eps)
+        return super().forward(x)
 
 
 class FusedFeedForward(nn.Module):
@@ -134,8 +178,9 @@ def fuse_layers(model: nn.Module) -> int:
     """Replaces, in ``model.layers``, each torchtune ``MultiHeadAttention`` whose q, k and v
     projections are bias-free ``nn.Linear`` by a :class:`FusedAttention` and each
     ``FeedForward`` with bias-free gate, up and down projections by a
-    :class:`FusedFeedForward` (still ``nn.Linear``: quantize them after). Layers of any other
-    kind (LoRA, q/k norms) are left as they are. Returns the number of modules replaced."""
+    :class:`FusedFeedForward` (still ``nn.Linear``: quantize them after), and torchtune's
+    ``RMSNorm`` modules by :class:`DecodeRMSNorm`. Layers of any other kind (LoRA, q/k norms)
+    are left as they are. Returns the number of attention and feed-forward modules replaced."""
     replaced = 0
     for layer in model.layers:
         attn, mlp = getattr(layer, "attn", None), getattr(layer, "mlp", None)
@@ -149,4 +194,9 @@ def fuse_layers(model: nn.Module) -> int:
         if type(mlp) is FeedForward and mlp.w3 is not None and _plain(mlp.w1, mlp.w2, mlp.w3):
             layer.mlp = FusedFeedForward(_stacked(mlp.w1, mlp.w3), mlp.w2, mlp.activation)
             replaced += 1
+        for name in ("sa_norm", "mlp_norm"):
+            if type(getattr(layer, name, None)) is RMSNorm:
+                setattr(layer, name, DecodeRMSNorm(getattr(layer, name)))
+    if type(getattr(model, "norm", None)) is RMSNorm:
+        model.norm = DecodeRMSNorm(model.norm)
     return replaced

@@ -195,6 +195,25 @@ def test_decode_attention_refuses_what_it_cannot_compute():
         cpu_kernels.decode_attention(q, k, k[..., :16], valid, 1.0)
 
 
+@needs["attention"]
+def test_rms_norm_and_rope_equal_torchtunes():
+    from torchtune.models.llama3_1 import Llama3ScaledRoPE
+    from torchtune.modules import RMSNorm
+
+    g = torch.Generator().manual_seed(6)
+    norm = RMSNorm(256, eps=1e-5)
+    norm.scale.data = torch.randn(256, generator=g)
+    x = torch.randn(3, 1, 256, generator=g) * 4
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, norm.scale, 1e-5), norm(x))
+    rope = Llama3ScaledRoPE(64, max_seq_len=300, base=500_000, scale_factor=32)
+    qkv = torch.randn(2, 3, 12 * 64, generator=g)
+    qk = qkv[..., : 10 * 64].view(2, 3, 10, 64)  # q and k heads of a fused projection: strided
+    pos = torch.tensor([[0, 1, 2], [250, 251, 299]])
+    torch.testing.assert_close(cpu_kernels.rope(qk, rope.cache, pos), rope(qk, input_pos=pos))
+    with pytest.raises(ValueError, match=r"a position outside 0..299"):
+        cpu_kernels.rope(qk, rope.cache, pos + 1)
+
+
 def test_huge_page_copies_hold_the_same_values():
     small = torch.arange(10.0)
     assert cpu_kernels.in_huge_pages(small) is small  # under 2 MB: left as it is

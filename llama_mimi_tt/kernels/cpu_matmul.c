@@ -19,7 +19,7 @@
  * vector per row, which keeps its inner loop at about 10 instructions per 64 bytes: 34-41 GB/s
  * per core from cache, above what one core reads from memory.
  *
- * decode_attention, at the end: a decode step's grouped-query attention over the KV cache.
+ * At the end: a decode step's RMS norm, RoPE and grouped-query attention over the KV cache.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -204,6 +204,50 @@ int fp32_matmul(const float *x, int m, int k, const float *w, int n, float *y, i
             y[(size_t)r * n + row] = _mm512_reduce_add_ps(sum);
         }
     }
+    return 0;
+}
+
+/* The small per-token work of a decode step, one call each instead of 5-15 PyTorch ops:
+ * rms_norm: y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, rows of n (a multiple of 16).
+ * rope: RoPE of x [b, s, heads, d] (batch and position strides xb, xs; heads contiguous) at
+ * positions pos [b, s] from torchtune's cache [positions, d / 2, 2] (cos, sin), pairs (2i, 2i + 1)
+ * rotated as torchtune does, into y [b, s, heads, d]. Both return 1 for a bad size. */
+int rms_norm(const float *x, int rows, int n, const float *w, float eps, float *y) {
+    if (n % 16) return 1;
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * n;
+        __m512 sq = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+            __m512 v = _mm512_loadu_ps(xr + i);
+            sq = _mm512_fmadd_ps(v, v, sq);
+        }
+        __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(sq) / n + eps));
+        for (int i = 0; i < n; i += 16)
+            _mm512_storeu_ps(y + (size_t)r * n + i,
+                             _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + i), inv),
+                                           _mm512_loadu_ps(w + i)));
+    }
+    return 0;
+}
+
+int rope(const float *x, int b, int s, int heads, int d, long xb, long xs, const float *cache,
+         int positions, const int64_t *pos, float *y) {
+    if (d % 2) return 1;
+    for (int bi = 0; bi < b; bi++)
+        for (int si = 0; si < s; si++) {
+            int64_t p = pos[(size_t)bi * s + si];
+            if (p < 0 || p >= positions) return 1;
+            const float *c = cache + (size_t)p * d; /* [d / 2, 2] */
+            const float *xr = x + bi * xb + si * xs;
+            float *yr = y + ((size_t)bi * s + si) * heads * d;
+            for (int h = 0; h < heads; h++)
+                for (int i = 0; i < d / 2; i++) {
+                    float x0 = xr[h * d + 2 * i], x1 = xr[h * d + 2 * i + 1];
+                    float cos = c[2 * i], sin = c[2 * i + 1];
+                    yr[h * d + 2 * i] = x0 * cos - x1 * sin;
+                    yr[h * d + 2 * i + 1] = x1 * cos + x0 * sin;
+                }
+        }
     return 0;
 }
 
