@@ -240,14 +240,23 @@ def test_missing_weights_file_names_it_and_where_to_get_it(tmp_path):
 
 
 def test_hub_id_is_tried_only_when_no_local_path(tmp_path, monkeypatch):
-    import huggingface_hub.constants
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here
+    asked = []
+
+    def offline(repo_id, filename, **kwargs):  # no network here: fail at once, as offline does
+        asked.append((repo_id, filename))
+        raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(FileNotFoundError, match="'someone/no-such-mimi' is not a local path"):
         MimiCodec.from_pretrained("someone/no-such-mimi")
+    assert [repo for repo, _ in asked] == ["someone/no-such-mimi"] * 2  # both layouts tried
     # a relative path with a file suffix is never taken for a hub id
     with pytest.raises(FileNotFoundError, match="not found: weights/mimi.safetensors"):
         MimiCodec.from_pretrained("weights/mimi.safetensors")
+    assert len(asked) == 2
 
 
 def test_not_a_mimi_checkpoint(tmp_path):
