@@ -107,7 +107,8 @@ def _build(lib: Path) -> None:
 
 
 def available_on_cpu(kernel: str) -> bool:
-    """Whether this CPU has the instructions ``kernel`` (int4, int8, bf16, fp32, attention) needs."""
+    """Whether this CPU has the instructions that ``kernel`` needs (int4, int8, bf16, fp32,
+    attention)."""
     return all(flag in _cpu_flags() for flag in CPU_FLAGS[kernel])
 
 

@@ -4,11 +4,12 @@ Batch-1 decoding reads every decoder weight once per token, so on a CPU its spee
 bytes per weight. Only the ``nn.Linear`` layers of ``model.layers`` (973M of the 1.3B model's
 weights read per token) are quantized; the rest is cast to the activation dtype (fp32 on our
 CPU kernels, else bf16): bf16 2 bytes per weight, int8 1 (a scale per output row), int4 0.5
-(+ a scale and zero per group of ``quantize_group_size`` columns). On CPUs with AVX-512 the decode steps run on our
-matrix-vector kernels (cpu_kernels.py), which stream the weights 1.5-2x faster than PyTorch's:
-:class:`Bf16Linear`, :class:`Int8Linear` and :class:`Int4Linear`, in layers whose q/k/v and
-gate/up projections are fused and whose decode steps attend with our grouped-query kernel
-(fused_layers.py): four kernel calls a layer instead of seven. Elsewhere bf16 is
+(+ a scale and zero per group of ``quantize_group_size`` columns). On CPUs with AVX-512 the
+decode steps run on our matrix-vector kernels (cpu_kernels.py), which stream the weights
+1.5-2x faster than PyTorch's: :class:`Bf16Linear`, :class:`Int8Linear` and
+:class:`Int4Linear` (and :class:`Fp32Linear` for ``none`` on an fp32 model), in layers whose
+q/k/v and gate/up projections are fused and whose decode steps attend with our grouped-query
+kernel (fused_layers.py): four kernel calls a layer instead of seven. Elsewhere bf16 is
 ``F.linear``, int8 aten's ``_weight_int8pack_mm`` (torchao's ``Int8WeightOnlyConfig`` on CUDA)
 and int4 torchao's ``Int4WeightOnlyConfig(version=1)``. Speed and quality per precision, CPU
 and GPU: bench/bench_quantize.py and bench/RESULTS.md.
