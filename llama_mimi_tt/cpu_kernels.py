@@ -36,7 +36,7 @@ CPU_FLAGS = {  # what each kernel needs from /proc/cpuinfo
     "int8": ("avx512f", "avx512bw", "avx512_vnni"),
     "bf16": ("avx512f", "avx512bw", "avx512_bf16"),
     "fp32": ("avx512f",),
-    "attention": ("avx512f",),
+    "attention": ("avx512f",),  # decode_attention, and the eager rms_norm and rope
 }
 GCC_FLAGS = [
     "-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fopenmp", "-shared",

@@ -113,7 +113,9 @@ _ROPES = (RotaryPositionalEmbeddings, Llama3ScaledRoPE)  # cache [positions, d /
 
 def _decode_step(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
     """Whether our decode attention takes this call: one fp32 CPU query per sequence over a
-    cache whose positions the bool mask ``[b, 1, L]`` gives."""
+    cache whose positions the bool mask ``[b, 1, L]`` gives, with head sizes and groups the
+    kernel handles (head size a multiple of 16 up to 256, at most 16 query heads per group);
+    anything else goes to SDPA."""
     return (
         q.shape[2] == 1
         and q.is_cpu
@@ -122,6 +124,8 @@ def _decode_step(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor])
         and mask.dtype == torch.bool
         and mask.shape == (q.shape[0], 1, k.shape[2])
         and q.shape[3] % 16 == 0
+        and q.shape[3] <= 256
+        and q.shape[1] <= 16 * k.shape[1]
     )
 
 
@@ -139,6 +143,7 @@ class DecodeRMSNorm(RMSNorm):
             self.cpu_kernels
             and not torch.compiler.is_compiling()
             and x.numel() <= _SMALL * x.shape[-1]
+            and x.shape[-1] % 16 == 0  # the C loop's width
             and x.is_cpu
             and x.dtype == self.scale.dtype == torch.float32
         ):

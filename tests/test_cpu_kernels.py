@@ -205,6 +205,8 @@ def test_rms_norm_and_rope_equal_torchtunes():
     norm.scale.data = torch.randn(256, generator=g)
     x = torch.randn(3, 1, 256, generator=g) * 4
     torch.testing.assert_close(cpu_kernels.rms_norm(x, norm.scale, 1e-5), norm(x))
+    with pytest.raises(ValueError, match="a width that is a multiple of 16, not 40"):
+        cpu_kernels.rms_norm(torch.randn(1, 40), torch.ones(40), 1e-5)
     rope = Llama3ScaledRoPE(64, max_seq_len=300, base=500_000, scale_factor=32)
     qkv = torch.randn(2, 3, 12 * 64, generator=g)
     qk = qkv[..., : 10 * 64].view(2, 3, 10, 64)  # q and k heads of a fused projection: strided
