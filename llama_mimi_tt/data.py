@@ -6,39 +6,43 @@ The tokenizer builds every sequence as the released models were trained (``a2a``
 boundaries into a first sample and continuations (``long_utterances="split"``: no audio lost) or
 truncated (the reference's behaviour). Packing cuts a sample that does not fit a pack on a frame
 boundary and continues it with its own ``<bos> <audio>`` header, so every document in a pack is
-well formed. Train/validation splits go by a stable hash of the utterance id; ``streaming=True``
-iterates over the shards (corpora larger than memory), divided among ranks.
+well formed. Train/validation splits go by a stable hash of the utterance id.
+
+Which rows, samples and packs a run reads is the code cache's pack index (:mod:`pack_index`:
+computed once, memory-mapped by every rank); a sample or a pack is built from its rows when it
+is asked for. ``streaming=True`` iterates over the shards instead (data that is not a local
+cache), divided among ranks, shuffled in a buffer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
-from torchtune.datasets import PackedDataset
 from torchtune.utils import get_logger
-from tqdm import tqdm
 
 from llama_mimi_tt.audio_sources import AUDIO_EXTENSIONS, open_audio_source
+from llama_mimi_tt.cache_reader import CacheRows
 from llama_mimi_tt.code_cache import (
     MANIFEST_FILE,
-    PLAN_FILE,
     cache_shard_files,
     corrupt_shard_error,
     encode_items,
+    is_code_cache,
     read_cache_manifest,
     rows_to_table,
 )
-from llama_mimi_tt.errors import MissingFileError
+from llama_mimi_tt.errors import MissingFileError, UserError
+from llama_mimi_tt.pack_index import IndexSettings, PackIndex, compute_index, load_or_build_index
 from llama_mimi_tt.vocab import check_codes
 
 log = get_logger("INFO")
@@ -58,15 +62,12 @@ def validation_mask(ids: Sequence[str], val_fraction: float) -> np.ndarray:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0.0:
         return np.zeros(len(ids), dtype=bool)
-    threshold = val_fraction * 2.0**64
-    return np.array(
-        [
-            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little")
-            < threshold
-            for i in ids
-        ],
-        dtype=bool,
-    )
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(str(i).encode(), digest_size=8).digest() for i in ids])
+    threshold = math.ceil(val_fraction * 2.0**64)  # h < t exactly, in integers
+    if threshold >= 2**64:
+        return np.ones(len(ids), dtype=bool)
+    return np.frombuffer(digests, dtype="<u8") < np.uint64(threshold)
 
 
 def _check_split(split: str, val_fraction: float) -> None:
@@ -74,14 +75,6 @@ def _check_split(split: str, val_fraction: float) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if split == "validation" and val_fraction == 0.0:
         raise ValueError("split='validation' needs val_fraction > 0 (it is 0: no held-out data)")
-
-
-def _select_split(ids: Sequence[str], split: str, val_fraction: float) -> np.ndarray:
-    _check_split(split, val_fraction)
-    if split == "all":
-        return np.ones(len(ids), dtype=bool)
-    val = validation_mask(ids, val_fraction)
-    return val if split == "validation" else ~val
 
 
 # ---- utterance -> samples -----------------------------------------------------------------
@@ -138,12 +131,28 @@ class SequenceBuilder:
         else:
             first = np.where(whole, f, np.minimum(first, f - 1))
             rest = f - first
-            n = 1 + -(-rest // self._continuation_frames)
+            n = 1 + -(-rest // self.continuation_frames)
         return first, np.where(first > 0, n, 0)
 
     @property
-    def _continuation_frames(self) -> int:
+    def continuation_frames(self) -> int:
         return (self.max_seq_len - 3) // self.q
+
+    def sample_lengths(self, frames, head, first, counts):
+        """``(length, audio_start)`` of every sample of utterances with ``counts`` samples
+        each (``plan``), in order: what :meth:`sample` builds, counted instead of built."""
+        rows = np.repeat(np.arange(len(counts)), counts)
+        chunk = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        f, fi = frames[rows], first[rows]
+        per = 0 if self.max_seq_len is None else self.continuation_frames
+        lo = np.where(chunk == 0, 0, fi + (chunk - 1) * per)
+        hi = np.where(chunk == 0, fi, np.minimum(f, lo + per))
+        a = np.where(chunk == 0, head[rows], 1)
+        n = (hi - lo) * self.q
+        closing = hi == f
+        if self.max_seq_len is not None:
+            closing &= a + 2 + n <= self.max_seq_len
+        return a + 1 + n + closing, a
 
     def sample(
         self, codes: np.ndarray, text_ids: List[int], chunk: int, first_frames: int
@@ -154,7 +163,7 @@ class SequenceBuilder:
         if chunk == 0:
             lo, hi = 0, first_frames
         else:  # a continuation: audio only, the text belongs to the start
-            per = self._continuation_frames
+            per = self.continuation_frames
             lo = first_frames + (chunk - 1) * per
             hi = min(n_frames, lo + per)
             text_ids = []
@@ -172,8 +181,8 @@ class SequenceBuilder:
 
 
 class _CacheRowSamples:
-    """What the map-style and the streaming datasets share: the sample builder, the levels
-    used, and the checked read of a cache row's codes."""
+    """What the datasets share: the sample builder, the levels used, and the checked read of a
+    cache row's codes."""
 
     def _set_up_samples(
         self, tokenizer, cache_q: int, task: str, max_seq_len, long_utterances: str, name: str
@@ -203,110 +212,70 @@ class _CacheRowSamples:
         return codes
 
 
-# ---- map-style ----------------------------------------------------------------------------
+# ---- map-style, from the index --------------------------------------------------------------
 class AudioTokenDataset(_CacheRowSamples, Dataset):
-    """Map-style dataset of Llama-Mimi samples over an Arrow-backed ``datasets.Dataset`` of
-    code rows (memory-mapped: codes are read per item, never all at once).
+    """Map-style dataset of Llama-Mimi samples: sample i of a :class:`PackIndex`, built from
+    its cache row when asked for (codes are read per item, never all at once).
 
     Args:
-        rows (datasets.Dataset): rows with the code-cache columns (``code_cache.SHARD_SCHEMA``).
+        index (PackIndex): which rows, how many samples each (``pack_index``).
+        rows (CacheRows): the cache's rows by number.
         tokenizer (LlamaMimiTokenizer): its ``num_quantizers`` (Q) must be <= ``cache_q``.
-        cache_q (int): levels stored per frame in ``rows``.
-        task, max_seq_len, long_utterances: see :class:`SequenceBuilder`.
-        split (str), val_fraction (float): held-out selection, see :func:`validation_mask`.
-        drop_empty_text (bool): tts only; skip (and count) utterances without text instead of
-            raising.
+        cache_q (int): levels stored per frame in the cache.
+        task, max_seq_len, long_utterances: see :class:`SequenceBuilder` (as the index was
+            computed with).
         name (str): how errors name the data (the cache path).
     """
 
     def __init__(
         self,
-        rows: datasets.Dataset,
+        index: PackIndex,
+        rows: CacheRows,
         tokenizer,
         *,
         cache_q: int,
         task: str = "a2a",
         max_seq_len: Optional[int] = None,
         long_utterances: str = "split",
-        split: str = "train",
-        val_fraction: float = 0.0,
-        drop_empty_text: bool = False,
         name: str = "dataset",
     ):
         self._set_up_samples(tokenizer, cache_q, task, max_seq_len, long_utterances, name)
-
-        if rows._indices is not None:  # a selection: make row i of the table row i
-            rows = rows.flatten_indices()
-        table = rows.data  # Arrow, memory-mapped: only the small columns are read here
-        ids = table.column("id").to_pylist()
-        keep = _select_split(ids, split, val_fraction)
-        head = np.ones(len(ids), dtype=np.int64)
-        if task == "tts":
-            keep &= self._tts_rows(table, keep, drop_empty_text, head)
-        rows_kept = np.flatnonzero(keep)
-        frames = table.column("num_frames").to_numpy()[rows_kept]
-        first, n = self.builder.plan(frames, head[rows_kept])
-        if (n == 0).any():
-            self.skipped["text too long for max_seq_len"] = int((n == 0).sum())
-        ok = n > 0
-        self._rows = rows_kept[ok]
-        self._first = first[ok]
-        self._cum = np.concatenate([[0], np.cumsum(n[ok])])
-        self._data = rows.select_columns(["id", "codes", "num_frames", "text"]).with_format("arrow")
+        self.index, self.rows = index, rows
+        self.index_folder = index.folder
+        self.skipped = dict(index.meta["skipped"])
         for reason, count in self.skipped.items():
             log.warning(f"{name}: skipped {count} utterances ({reason})")
-        if len(self) == 0:
+        settings = index.meta["settings"]
+        if index.num_samples == 0:
             raise ValueError(
-                f"{name}: no samples for split={split!r} task={task!r} "
-                f"(val_fraction={val_fraction}, {len(ids)} rows, skipped: {self.skipped})"
+                f"{name}: no samples for split={settings['split']!r} task={task!r} "
+                f"(val_fraction={settings['val_fraction']}, {index.meta['cache_rows']} rows, "
+                f"skipped: {self.skipped})"
             )
 
-    def _tts_rows(self, table: pa.Table, keep, drop_empty_text, head) -> np.ndarray:
-        texts = table.column("text").to_pylist()
-        partial = table.column("partial").to_numpy()
-        ok = ~partial
-        if (keep & partial).any():
-            self.skipped[
-                "part of a long file (split or truncated by max_seconds), so the "
-                "text does not match the audio"
-            ] = int((keep & partial).sum())
-        empty = np.array([not (t and t.strip()) for t in texts], dtype=bool) & keep & ok
-        if empty.any():
-            bad_ids = [table.column("id")[int(i)].as_py() for i in np.flatnonzero(empty)[:5]]
-            if not drop_empty_text:
-                raise ValueError(
-                    f"{self.name}: {int(empty.sum())} utterances have no text, which task=tts "
-                    f"needs (first ids: {bad_ids}). Fix the transcripts, use task=a2a, or set "
-                    "drop_empty_text=True to skip them."
-                )
-            self.skipped["empty text"] = int(empty.sum())
-        ok &= ~empty
-        for i in np.flatnonzero(ok & keep):
-            head[i] = 1 + len(self.builder.text_ids(texts[i]))
-        return ok
-
     def __len__(self) -> int:
-        return int(self._cum[-1])
+        return self.index.num_samples
+
+    def sample(self, s: int) -> Dict[str, Any]:
+        """Sample ``s``: ``tokens``, ``labels`` (lists) and ``audio_start``."""
+        a = self.index.arrays
+        k = int(np.searchsorted(a["sample_start"], s, side="right")) - 1
+        chunk = s - int(a["sample_start"][k])
+        uid, flat, n_frames, text = self.rows.row(int(a["row"][k]))
+        codes = self._codes(flat, n_frames, uid)
+        text_ids = self.builder.text_ids(text) if self.builder.task == "tts" and chunk == 0 else []
+        return self.builder.sample(codes, text_ids, chunk, int(a["first"][k]))
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        index = index % len(self)
-        k = int(np.searchsorted(self._cum, index, side="right")) - 1
-        chunk = index - int(self._cum[k])
-        row = self._data[int(self._rows[k])]
-        uid = row.column("id")[0].as_py()
-        n_frames = row.column("num_frames")[0].as_py()
-        flat = row.column("codes")[0].values.to_numpy(zero_copy_only=False)
-        codes = self._codes(flat, n_frames, uid)
-        text = row.column("text")[0].as_py() if self.builder.task == "tts" and chunk == 0 else None
-        return self.builder.sample(codes, self.builder.text_ids(text), chunk, int(self._first[k]))
+        return self.sample(index % len(self))
 
 
 def _check_q(tokenizer, cache_q: int, name: str) -> int:
     q = tokenizer.vocab.num_quantizers
     if q > cache_q:
-        raise ValueError(
+        raise UserError(
             f"the tokenizer uses num_quantizers={q}, but {name} holds only {cache_q} levels per "
             f"frame. Use num_quantizers <= {cache_q}, or re-encode the audio with "
             f"num_quantizers >= {q}."
@@ -367,52 +336,73 @@ def pack_frame_aligned(
         yield pack
 
 
-class AudioPackedDataset(PackedDataset):
-    """torchtune's ``PackedDataset`` (same packs, same ``padded_collate_packed``), with
-    ``split_across_pack=True`` meaning: split on a frame boundary and continue in the next
-    pack with a ``<|begin_of_text|> <audio>`` header (:func:`pack_frame_aligned`).
-    ``split_across_pack=False`` packs whole samples only, as torchtune does."""
+def pad_pack(pack: Dict[str, list], max_seq_len: int, padding_idx: int) -> Dict[str, Any]:
+    """A pack as torchtune's ``PackedDataset`` returns it: tensors of ``max_seq_len``, tokens
+    padded with ``padding_idx``, labels with -100, the padding as a last ``seq_lens`` entry
+    and ``input_pos`` going on from the last position (at most ``max_seq_len - 1``)."""
+    n = len(pack["tokens"])
+    pad = max_seq_len - n
+    last = pack["input_pos"][-1]
+    positions = [min(last + 1 + i, max_seq_len - 1) for i in range(pad)]
+    return {
+        "tokens": torch.tensor(pack["tokens"] + [padding_idx] * pad, dtype=torch.long),
+        "labels": torch.tensor(pack["labels"] + [CROSS_ENTROPY_IGNORE_IDX] * pad, dtype=torch.long),
+        "input_pos": torch.tensor(pack["input_pos"] + positions, dtype=torch.long),
+        "seq_lens": torch.tensor(pack["seq_lens"] + ([pad] if pad else []), dtype=torch.long),
+    }
 
-    def __init__(
-        self,
-        ds: Dataset,
-        *,
-        max_seq_len: int,
-        num_quantizers: int,
-        bos_id: int,
-        audio_start_id: int,
-        padding_idx: int = 0,
-        max_packs: Optional[int] = None,
-        split_across_pack: bool = True,
-    ):
-        self.num_quantizers = num_quantizers
-        self.bos_id = bos_id
-        self.audio_start_id = audio_start_id
-        super().__init__(
-            ds,
-            max_seq_len=max_seq_len,
-            padding_idx=padding_idx,
-            max_packs=max_packs,
-            split_across_pack=split_across_pack,
-        )
 
-    def _pack(self) -> None:
-        if not self.split_across_pack:
-            return super()._pack()
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        samples = tqdm(
-            self.ds,
-            total=len(self.ds),
-            desc="Packing dataset",
-            disable=rank != 0,
-            dynamic_ncols=True,
-        )
-        for pack in pack_frame_aligned(
-            samples, self.max_seq_len, self.num_quantizers, self.bos_id, self.audio_start_id
-        ):
-            self._add_pack(pack)
-            if self._should_stop_packing():
-                break
+class AudioPackedDataset(Dataset):
+    """Packs of ``max_seq_len`` tokens, as torchtune's ``PackedDataset`` returns them (same
+    keys and padding, for ``padded_collate_packed``), read from a :class:`PackIndex`: pack p
+    is materialised from its samples when asked for.
+
+    The packs are those of :func:`pack_frame_aligned` over the samples in order (a sample is
+    split across packs on a frame boundary and continues with a ``<|begin_of_text|> <audio>``
+    header), or whole samples only (``split_across_pack=False``, as torchtune packs).
+
+    Args:
+        samples (AudioTokenDataset): the samples, over an index computed with ``packed=True``.
+        max_seq_len (int): tokens per pack.
+        padding_idx (int): the tokenizer's pad id.
+    """
+
+    def __init__(self, samples: AudioTokenDataset, *, max_seq_len: int, padding_idx: int = 0):
+        self.samples = samples
+        self.max_seq_len = max_seq_len
+        self.padding_idx = padding_idx
+        vocab = samples.builder.tokenizer.vocab
+        self.header = [samples.builder.tokenizer.bos_id, vocab.audio_start_id]
+        self.header_labels = [CROSS_ENTROPY_IGNORE_IDX, vocab.audio_start_id]
+        self.starts = samples.index.arrays["pack_sample"]
+        self.offsets = samples.index.arrays["pack_offset"]
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def pack(self, p: int) -> Dict[str, list]:
+        """Pack ``p`` unpadded: ``tokens``, ``labels``, ``input_pos``, ``seq_lens`` lists."""
+        s0, o0 = int(self.starts[p]), int(self.offsets[p])
+        s1, o1 = int(self.starts[p + 1]), int(self.offsets[p + 1])
+        pack = {"tokens": [], "labels": [], "input_pos": [], "seq_lens": []}
+        for s in range(s0, s1 + (o1 > 0)):
+            sample = self.samples.sample(s)
+            lo = o0 if s == s0 else 0
+            hi = o1 if s == s1 else len(sample["tokens"])
+            tokens, labels = sample["tokens"][lo:hi], sample["labels"][lo:hi]
+            if lo:  # the rest of a sample cut on a frame boundary
+                tokens, labels = self.header + tokens, self.header_labels + labels
+            pack["tokens"] += tokens
+            pack["labels"] += labels
+            pack["input_pos"] += range(len(tokens))
+            pack["seq_lens"].append(len(tokens))
+        return pack
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} packs")
+        pack = self.pack(index % len(self))
+        return pad_pack(pack, self.max_seq_len, self.padding_idx)
 
 
 # ---- streaming ----------------------------------------------------------------------------
@@ -513,22 +503,13 @@ class AudioTokenIterableDataset(_CacheRowSamples, IterableDataset):
             return
         L = self.builder.max_seq_len
         vocab = self.tokenizer.vocab
-        pad = PackedDataset.__new__(
-            PackedDataset
-        )  # reuse torchtune's tensor conversion and padding
-        pad.max_seq_len, pad.padding_idx = L, self.tokenizer.pad_id
         for pack in pack_frame_aligned(
             self.samples(), L, self.q, self.tokenizer.bos_id, vocab.audio_start_id
         ):
-            yield pad._pad_pack(pad._convert_to_tensors(pack), padding_idx=pad.padding_idx)
+            yield pad_pack(pack, L, self.tokenizer.pad_id)
 
 
 # ---- the builder --------------------------------------------------------------------------
-def _is_code_cache(source: str) -> bool:
-    p = Path(str(source)).expanduser()
-    return p.is_dir() and ((p / MANIFEST_FILE).is_file() or (p / PLAN_FILE).is_file())
-
-
 def _build_codec(codec, num_quantizers: int):
     if codec is None or hasattr(codec, "encode_batch"):
         return codec
@@ -547,27 +528,21 @@ def _build_codec(codec, num_quantizers: int):
 
 
 def _open_cache(tokenizer, source: str):
-    """``(cache_q, shard files)`` of a code cache, its levels checked against the tokenizer."""
-    cache_q = int(read_cache_manifest(source)["num_quantizers"])
+    """``(cache_q, rows)`` of a code cache, its levels checked against the tokenizer. Only
+    ``cache.json`` is read (no shard): a shard that cannot be read is named when it is."""
+    info = read_cache_manifest(source, check_shards=False)
+    cache_q = int(info["num_quantizers"])
     _check_q(tokenizer, cache_q, str(source))
-    return cache_q, cache_shard_files(source)
-
-
-def _load_cache_rows(source: str, files: List[str], cache_dir: Optional[str]) -> datasets.Dataset:
-    """The shards as one memory-mapped ``datasets.Dataset``; a shard that cannot be read is
-    named in the error."""
-    try:
-        return datasets.load_dataset(
-            "parquet", data_files=files, split="train", cache_dir=cache_dir
-        )
-    except datasets.exceptions.DatasetGenerationError as e:
-        for f in files:  # name the shard that cannot be read (a footer can be whole)
-            try:
-                pq.read_table(f)
-            except (OSError, ValueError, pa.ArrowException) as bad:
-                problem = "corrupt: " + " ".join(str(bad).split()).rstrip(".")
-                raise corrupt_shard_error(Path(source), Path(f), problem) from e
-        raise
+    used = [(s, n) for s, n in zip(info["shards"], info["shard_rows"]) if n > 0]
+    if not used:
+        cache_shard_files(source)  # says that every source file was skipped
+    d = Path(str(source)).expanduser()
+    rows = CacheRows(
+        [str(d / s) for s, _ in used],
+        [n for _, n in used],
+        corrupt=partial(corrupt_shard_error, d),
+    )
+    return cache_q, rows
 
 
 def _not_a_cache_error(source: str) -> MissingFileError:
@@ -590,14 +565,14 @@ def _not_a_cache_error(source: str) -> MissingFileError:
 
 
 def _encode_in_memory(source: str, codec, source_options: dict, encode_options: dict):
-    """Raw audio -> an in-memory ``datasets.Dataset`` of code rows (small jobs only)."""
+    """Raw audio -> code rows in memory (small jobs only)."""
     src = open_audio_source(source, **source_options)
     rows, skipped = encode_items(src, src.items, codec, logger=log, **encode_options)
     if skipped:
         log.warning(f"{source}: skipped {len(skipped)} of {len(src)} items (see warnings above)")
     if not rows:
         raise ValueError(f"{source}: no audio could be encoded ({len(skipped)} items skipped)")
-    return datasets.Dataset(rows_to_table(rows)), int(codec.num_quantizers)
+    return CacheRows(table=rows_to_table(rows)), int(codec.num_quantizers)
 
 
 def audio_token_dataset(
@@ -636,11 +611,14 @@ def audio_token_dataset(
             ``codec``, raw audio (folder, manifest, Hugging Face dataset) encoded in memory
             at start-up (small jobs: demo, tests, a few hours of audio).
         task (str): ``a2a`` (audio only) or ``tts`` (text prompt then audio).
-        packed (bool): pack samples into ``max_seq_len`` sequences (AudioPackedDataset).
+        packed (bool): pack samples into ``max_seq_len`` sequences (AudioPackedDataset). A code
+            cache's samples and packs come from its pack index, computed once and
+            memory-mapped (:mod:`llama_mimi_tt.pack_index`).
         max_seq_len (Optional[int]): defaults to ``tokenizer.max_seq_len``.
         split (str): ``train``, ``validation`` or ``all``; with ``val_fraction``.
         val_fraction (float): share of utterance ids held out for validation.
-        streaming (bool): iterate over the shards instead of indexing them (huge corpora).
+        streaming (bool): iterate over the shards instead of indexing them: for data that is
+            not a local code cache; a shuffle buffer, not a permutation, and no length.
         codec: a ``MimiCodec``, a weights path, or a ``_component_`` config (e.g.
             ``llama_mimi_tt.mimi_codec``); needed only when ``source`` is raw audio.
         long_utterances (str): ``split`` (more samples, no audio lost) or ``truncate``.
@@ -648,7 +626,8 @@ def audio_token_dataset(
             boundaries (default; near-full packs) or keep samples whole.
         drop_empty_text (bool): tts only; skip utterances without text instead of raising.
         shuffle_buffer (int), seed (int): streaming shuffle.
-        cache_dir (Optional[str]): where ``datasets`` keeps its Arrow copy of the shards.
+        cache_dir (Optional[str]): where the pack index goes when the code cache's folder
+            cannot be written (default ``~/.cache/llama_mimi_tt``); see :mod:`pack_index`.
         source_type, source_split, audio_column, text_column, path_column, id_column,
         max_seconds, long_files, batch_size: for raw audio, as in llama_mimi_tokenize.
 
@@ -664,11 +643,12 @@ def audio_token_dataset(
     if packed and max_seq_len is None:
         raise ValueError("packed=True needs max_seq_len (or the tokenizer's max_seq_len)")
     name = str(source)
-    if _is_code_cache(source):
-        cache_q, files = _open_cache(tokenizer, source)
+    _check_split(split, val_fraction)
+    if is_code_cache(source):
+        cache_q, rows = _open_cache(tokenizer, source)
         if streaming:
             return AudioTokenIterableDataset(
-                files,
+                rows.files,
                 tokenizer,
                 cache_q=cache_q,
                 task=task,
@@ -681,7 +661,6 @@ def audio_token_dataset(
                 seed=seed,
                 name=name,
             )
-        rows = _load_cache_rows(source, files, cache_dir)
     else:
         if codec is None:
             raise _not_a_cache_error(source)
@@ -702,26 +681,33 @@ def audio_token_dataset(
             ),
             dict(max_seconds=max_seconds, long_files=long_files, batch_size=batch_size),
         )
+    builder = SequenceBuilder(tokenizer, task, max_seq_len, long_utterances)
+    settings = IndexSettings(
+        num_quantizers=builder.q,
+        max_seq_len=max_seq_len,
+        task=task,
+        long_utterances=long_utterances,
+        split=split,
+        val_fraction=float(val_fraction),
+        packed=bool(packed),
+        split_across_pack=bool(split_across_pack),
+        drop_empty_text=bool(drop_empty_text),
+        text_tokenizer=str(tokenizer.path) if task == "tts" else None,
+    )
+    if rows.table is None:
+        index = load_or_build_index(Path(name).expanduser(), rows, builder, settings, cache_dir)
+    else:
+        index = compute_index(rows, builder, settings, progress=False, name=name)
     ds = AudioTokenDataset(
+        index,
         rows,
         tokenizer,
         cache_q=cache_q,
         task=task,
         max_seq_len=max_seq_len,
         long_utterances=long_utterances,
-        split=split,
-        val_fraction=val_fraction,
-        drop_empty_text=drop_empty_text,
         name=name,
     )
     if not packed:
         return ds
-    return AudioPackedDataset(
-        ds,
-        max_seq_len=max_seq_len,
-        num_quantizers=ds.q,
-        bos_id=tokenizer.bos_id,
-        audio_start_id=tokenizer.vocab.audio_start_id,
-        padding_idx=tokenizer.pad_id,
-        split_across_pack=split_across_pack,
-    )
+    return AudioPackedDataset(ds, max_seq_len=max_seq_len, padding_idx=tokenizer.pad_id)

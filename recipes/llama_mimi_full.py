@@ -22,6 +22,7 @@ from typing import Any, Dict, NamedTuple
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import (
     get_adapter_params,
@@ -43,6 +44,7 @@ from llama_mimi_tt.training import (
     check_audio_setup,
     check_max_seq_len,
     forward_loss,
+    host_memory_gib,
     level_losses,
     peak_memory_stats,
     set_epoch,
@@ -58,6 +60,7 @@ OPTIONAL_KEYS = (
     "custom_sharded_layers",
     "fsdp_cpu_offload",
     "save_hf_every_n_steps",
+    "num_workers",
 )
 
 
@@ -163,6 +166,7 @@ class LlamaMimiFinetuneRecipe:
             )
         self._val_dataloader = self._setup_validation(cfg)
         self._profiler = self._setup_profiler(cfg.get("profiler", None))
+        self._log_host_memory("after setup")
 
     def _setup_loss(self, cfg: DictConfig) -> None:
         self._loss_fn = config.instantiate(cfg.loss)
@@ -222,7 +226,6 @@ class LlamaMimiFinetuneRecipe:
         if self._compile:
             training.compile_model(model, verbose=self.is_rank_zero)
         self._checkpointer.check_model(model)
-        state_dict = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         if distributed:
             training.shard_model(
                 model=model,
@@ -239,15 +242,10 @@ class LlamaMimiFinetuneRecipe:
                 for m in model.modules():
                     if hasattr(m, "rope_init"):
                         m.rope_init()
-            training.load_from_full_model_state_dict(
-                model,
-                state_dict,
-                self._device,
-                strict=True,
-                cpu_offload=cfg.get("fsdp_cpu_offload", False),
-            )
+            self._load_sharded(model, cfg.get("fsdp_cpu_offload", False))
             training.validate_no_params_on_meta_device(model)
         else:
+            state_dict = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
             missing, unexpected = model.load_state_dict(state_dict, strict=False)
             missing = [k for k in missing if not (self._lora and "lora_" in k)]
             if missing or unexpected:
@@ -255,7 +253,7 @@ class LlamaMimiFinetuneRecipe:
                     f"the checkpoint in {self._checkpointer.checkpoint_dir} does not fit the "
                     f"model: missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
-        del state_dict
+            del state_dict
         self._activations_ctx = training.get_act_offloading_ctx_manager(
             model, cfg.get("enable_activation_offloading", False)
         )
@@ -270,6 +268,27 @@ class LlamaMimiFinetuneRecipe:
         )
         return model
 
+    def _load_sharded(self, model: torch.nn.Module, cpu_offload: bool) -> None:
+        """The checkpoint into the FSDP2-sharded ``model``. Only rank 0 reads it (memory-mapped
+        safetensors; cast only where the model's dtype differs); it sends one tensor at a time
+        and every rank keeps its shard (torch's ``broadcast_from_rank0``), so a host holds one
+        copy of the checkpoint, not one per rank."""
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        state_dict = {}
+        if self.is_rank_zero:
+            state_dict = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+            missing, unexpected = dtypes.keys() - state_dict.keys(), state_dict.keys() - dtypes
+            if missing or unexpected:
+                raise UserError(
+                    f"the checkpoint in {self._checkpointer.checkpoint_dir} does not fit the "
+                    f"model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+                )
+            state_dict = {k: v.to(dtypes[k]) for k, v in state_dict.items()}
+        options = StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True, strict=True, cpu_offload=cpu_offload
+        )
+        set_model_state_dict(model, state_dict, options=options)
+
     def _build_loader(self, cfg: DictConfig, loader_state):
         """Builds the loader, then restores its position when resuming mid-epoch."""
         loader = build_dataloader(
@@ -281,6 +300,7 @@ class LlamaMimiFinetuneRecipe:
             stream_batches=self.max_steps_per_epoch * self.grad_accum
             if self.max_steps_per_epoch
             else None,
+            num_workers=cfg.get("num_workers", 0),
         )
         batches = len(loader) // self.grad_accum
         if self.max_steps_per_epoch is not None:
@@ -490,6 +510,13 @@ class LlamaMimiFinetuneRecipe:
             self.epochs_run += 1
             self.save_checkpoint(hf=True)
         self._profiler.stop()
+        self._log_host_memory("at the end")
+
+    def _log_host_memory(self, when: str) -> None:
+        """Every rank's host memory (``log_peak_memory_stats``): what one rank costs a host."""
+        if self.log_peak_memory_stats:
+            memory = ", ".join(f"{k} {v:.2f} GiB" for k, v in host_memory_gib().items())
+            log.info(f"rank {self.rank}: host memory {when}: {memory}")
 
     def _log_validation(self) -> None:
         val = validate(

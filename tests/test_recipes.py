@@ -38,12 +38,16 @@ def learnable_utts(n=12, q=4, seed=0):
     return utts
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("recipes")
+def training_inputs(d: Path) -> Path:
+    """``d/codes`` (the learnable cache) and ``d/base`` (a random tiny base Llama 3)."""
     write_code_cache(d / "codes", learnable_utts(), num_quantizers=4, shard_size=4)
     write_tiny_base_llama(d / "base")
     return d
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return training_inputs(tmp_path_factory.mktemp("recipes"))
 
 
 def overrides(workdir, out, **extra):
@@ -217,6 +221,17 @@ def test_full_killed_at_a_random_step_resumes_exactly(workdir, reference):
     assert resumed_from in {3, 4, 6, 8, 9, 12, 15} and resumed_from <= killed
     # keep_last_n_checkpoints=2: only the newest two folders stay
     assert sorted(int(p.name[5:]) for p in out.glob("step_*")) == [15, 16]
+
+
+@pytest.mark.slow
+def test_loader_workers_read_the_same_batches_and_resume_exactly(workdir, reference):
+    """num_workers=2 (the 1B/8B configs' setting): the uninterrupted run's losses, killed and
+    resumed as well."""
+    out = workdir / "workers_killed"
+    args = full_args(workdir, out, num_workers=2, **RESUME)
+    killed = run_and_kill(args, workdir, out, random_step(4, 15))
+    resumed_from, rest = resumed_equals_uninterrupted(reference, out, args, workdir)
+    print(f"workers: killed after step {killed}, resumed from step_{resumed_from}, {rest} equal")
 
 
 def test_killed_inside_a_save_resumes_from_the_previous_checkpoint(workdir, reference):
