@@ -31,7 +31,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from llama_mimi_tt.audio import load_audio, prepare_waveform
+from llama_mimi_tt.audio import BLOCK_SECONDS, CheckedAudio, open_audio, prepare_waveform
 from llama_mimi_tt.errors import MissingFileError, UserError
 
 AUDIO_EXTENSIONS = frozenset(
@@ -108,23 +108,31 @@ class AudioSource:
         except Exception:
             return 0.0
 
-    def read(
-        self, item: AudioItem, sample_rate: int, report: Optional[dict] = None
-    ) -> torch.Tensor:
-        """Mono float32 ``[samples]`` at ``sample_rate`` (``report``: see ``prepare_waveform``).
+    def open(
+        self,
+        item: AudioItem,
+        sample_rate: int,
+        max_samples: Optional[int] = None,
+        report: Optional[dict] = None,
+        block_seconds: float = BLOCK_SECONDS,
+    ) -> CheckedAudio:
+        """The item's audio, checked, to read in pieces at ``sample_rate``: files and encoded
+        bytes are read in blocks (``llama_mimi_tt.audio.open_audio``), arrays already in memory
+        go through ``prepare_waveform``. ``max_samples``: only the first ones are read.
 
         Raises:
             FileNotFoundError, ValueError, TypeError: missing, unreadable, empty or
                 non-finite audio (the message names the file or row).
         """
         if self.kind != "hf":
-            return load_audio(item.path, sample_rate, report)
+            return open_audio(item.path, sample_rate, max_samples, report, None, block_seconds)
         name = f"{self.location} row {item.row} (id {item.id})"
         value = self._audio_value(item)
         if value is None:
             raise ValueError(f"{name}: no audio (the {self.audio_column!r} field is empty)")
         if isinstance(value, str):
-            return load_audio(self._resolve(value), sample_rate, report)
+            path = self._resolve(value)
+            return open_audio(path, sample_rate, max_samples, report, None, block_seconds)
         if value.get("array") is not None:
             sr = value.get("sampling_rate")
             if sr is None:
@@ -132,16 +140,29 @@ class AudioSource:
             array = np.asarray(value["array"])
             if np.issubdtype(array.dtype, np.integer):
                 raise TypeError(f"{name}: integer PCM samples; store float samples in [-1, 1]")
-            return prepare_waveform(array.astype(np.float32), sr, sample_rate, name, report)
+            wave = prepare_waveform(array.astype(np.float32), sr, sample_rate, name, report)
+            n = wave.shape[-1]
+            length = n if max_samples is None else min(n, int(max_samples))
+            return CheckedAudio(n, length, lambda: iter([wave.numpy()]), name)
         if value.get("bytes"):
-            try:
-                data, sr = sf.read(io.BytesIO(value["bytes"]), dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-                raise ValueError(f"{name}: cannot decode the audio bytes ({e})") from e
-            return prepare_waveform(data.T, sr, sample_rate, name, report)
+            name = f"{name}: the audio bytes"
+            return open_audio(value["bytes"], sample_rate, max_samples, report, name, block_seconds)
         if value.get("path"):
-            return load_audio(self._resolve(value["path"]), sample_rate, report)
+            path = self._resolve(value["path"])
+            return open_audio(path, sample_rate, max_samples, report, None, block_seconds)
         raise ValueError(f"{name}: the audio field has neither bytes, a path nor an array")
+
+    def read(
+        self,
+        item: AudioItem,
+        sample_rate: int,
+        report: Optional[dict] = None,
+        max_seconds: Optional[float] = None,
+    ) -> torch.Tensor:
+        """Mono float32 ``[samples]`` at ``sample_rate`` (``report``: see ``prepare_waveform``);
+        ``max_seconds``: only the first seconds are read (see :meth:`open`)."""
+        max_samples = None if max_seconds is None else int(max_seconds * sample_rate)
+        return self.open(item, sample_rate, max_samples, report).read()
 
 
 def _check_unique_ids(items: Sequence[AudioItem], where: str) -> None:
@@ -231,6 +252,22 @@ def _is_saved_hf_dataset(p: Path) -> bool:
     )
 
 
+def _holds_audio(feature) -> bool:
+    """An ``Audio`` feature, a path string, or a struct with bytes, a path or an array."""
+    import datasets
+
+    if isinstance(feature, datasets.Audio):
+        return True
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("string", "large_string")
+    return isinstance(feature, dict) and bool({"bytes", "path", "array"} & set(feature))
+
+
+def _feature_name(feature) -> str:
+    dtype = getattr(feature, "dtype", None)
+    return f"{type(feature).__name__} of {dtype}" if dtype else type(feature).__name__
+
+
 def _hf_items(
     source: str,
     split: str,
@@ -254,7 +291,13 @@ def _hf_items(
             f"{source} has no audio column {audio_column!r} (columns: "
             f"{', '.join(ds.column_names)}); set audio_column"
         )
-    if isinstance(ds.features[audio_column], datasets.Audio):
+    feature = ds.features[audio_column]
+    if not _holds_audio(feature):
+        raise UserError(
+            f"{source}: column {audio_column!r} holds no audio ({_feature_name(feature)}); set "
+            "audio_column to an Audio column, a path column or a bytes/path/array struct"
+        )
+    if isinstance(feature, datasets.Audio):
         # Read the encoded bytes / path ourselves (soundfile + soxr): no torchcodec needed.
         ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
     texts = ds[text_column] if text_column and text_column in ds.column_names else [None] * len(ds)
@@ -307,9 +350,16 @@ def open_audio_source(
     """
     if source is None or str(source).strip() == "":
         raise UserError("source is not set: give a folder, a .jsonl/.csv manifest or a dataset")
+    from llama_mimi_tt.code_cache import MANIFEST_FILE, is_code_cache  # it imports this module
+
     p = Path(str(source)).expanduser()
     if p.exists():
         p = p.resolve()
+    if is_code_cache(p):
+        raise UserError(
+            f"{source} is a code cache ({MANIFEST_FILE}: Mimi codes, not audio): train on it "
+            "with cache_dir=<it> in a training config, or give the audio it was made from"
+        )
     kind = source_type
     if kind == "auto":
         if p.is_file():

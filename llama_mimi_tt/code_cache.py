@@ -10,6 +10,7 @@ builds it, ``audio_token_dataset`` and the eval recipe read it). Layout of ``out
     shard-00000-of-00012.parquet.claim   while a process encodes that shard
     cache.json                           plan + summed shard counts, once every shard exists
     skipped.jsonl                        every skipped source item with its reason
+    pack_index/<key>/                    what training reads, per settings (``pack_index``)
 
 A shard is written under a temporary name and renamed, so it is whole or absent; a rerun (with
 any number of ranks; shard k is rank ``k % world_size``'s) encodes only missing or corrupt
@@ -24,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from llama_mimi_tt.audio import BLOCK_SECONDS
 from llama_mimi_tt.audio_sources import AudioItem, AudioSource
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
 from llama_mimi_tt.vocab import (
@@ -50,6 +53,10 @@ MANIFEST_FILE = "cache.json"
 SKIPPED_FILE = "skipped.jsonl"
 SHARD_METADATA_KEY = b"llama_mimi_tt"
 CLAIM_SUFFIX = ".claim"
+PACK_INDEX_FOLDER = "pack_index"  # llama_mimi_tt.pack_index writes its indexes there
+# Training reads rows in shuffled order, a parquet row group at a time: 64 rows of 10 s at
+# Q = 8 decode in about 1 ms, a group of 1,000 in about 28 (for 13% more bytes on disk).
+ROWS_PER_GROUP = 64
 
 LONG_FILE_RULES = ("split", "truncate")
 
@@ -70,24 +77,38 @@ SHARD_SCHEMA = pa.schema(  # one row per utterance, or per piece of a long file
 
 
 # ---- encoding ----------------------------------------------------------------------------
+def is_code_cache(path) -> bool:
+    """Whether ``path`` is a code cache folder (its cache.json, or a run's plan.json)."""
+    p = Path(str(path)).expanduser()
+    return p.is_dir() and ((p / MANIFEST_FILE).is_file() or (p / PLAN_FILE).is_file())
+
+
+def piece_spans(
+    num_samples: int, sample_rate: int, max_seconds: Optional[float], long_files: str
+) -> List[Tuple[int, int]]:
+    """``[(start_sample, num_samples), ...]`` of the pieces of a waveform of ``num_samples``.
+
+    Longer than ``max_seconds``: ``split`` gives consecutive pieces of ``max_seconds`` (the
+    last one shorter, kept if it holds at least one Mimi frame, 80 ms); ``truncate`` only the
+    first ``max_seconds``. A waveform that fits is one piece."""
+    if long_files not in LONG_FILE_RULES:
+        raise UserError(f"long_files must be one of {LONG_FILE_RULES}, got {long_files!r}")
+    n = int(num_samples)
+    if not max_seconds or n <= max_seconds * sample_rate:
+        return [(0, n)]
+    step = int(round(max_seconds * sample_rate))
+    if long_files == "truncate":
+        return [(0, step)]
+    min_piece = math.ceil(sample_rate / MIMI_FRAME_RATE)
+    return [(s, min(step, n - s)) for s in range(0, n, step) if n - s >= min_piece or s == 0]
+
+
 def cut_long_audio(
     wave: torch.Tensor, sample_rate: int, max_seconds: Optional[float], long_files: str
 ) -> List[Tuple[int, torch.Tensor]]:
-    """``[(start_sample, piece), ...]`` of a waveform longer than ``max_seconds``.
-
-    ``split``: consecutive pieces of ``max_seconds`` (the last one shorter, kept if it holds
-    at least one Mimi frame, 80 ms); ``truncate``: only the first ``max_seconds``. A waveform
-    that fits is returned whole."""
-    if long_files not in LONG_FILE_RULES:
-        raise UserError(f"long_files must be one of {LONG_FILE_RULES}, got {long_files!r}")
-    n = wave.shape[-1]
-    if not max_seconds or n <= max_seconds * sample_rate:
-        return [(0, wave)]
-    step = int(round(max_seconds * sample_rate))
-    if long_files == "truncate":
-        return [(0, wave[:step])]
-    min_piece = math.ceil(sample_rate / MIMI_FRAME_RATE)
-    return [(s, wave[s : s + step]) for s in range(0, n, step) if n - s >= min_piece or s == 0]
+    """``[(start_sample, piece), ...]`` of a waveform in memory, cut by :func:`piece_spans`."""
+    spans = piece_spans(wave.shape[-1], sample_rate, max_seconds, long_files)
+    return [(s, wave[s : s + k]) for s, k in spans]
 
 
 @dataclass
@@ -147,9 +168,12 @@ class _EncodeRun:
     """What one :func:`encode_items` call has made so far: rows, skipped items, and for each item
     whose pieces are still being encoded, how many are left, rows made and samples encoded."""
 
-    def __init__(self, source, codec, max_seconds, long_files, progress, logger, normalised):
+    def __init__(
+        self, source, codec, max_seconds, long_files, progress, logger, normalised, short_files
+    ):
         self.source, self.codec, self.progress, self.logger = source, codec, progress, logger
         self.max_seconds, self.long_files, self.normalised = max_seconds, long_files, normalised
+        self.short_files = short_files
         self.sample_rate = int(codec.sample_rate)
         frame_rate = float(getattr(codec, "frame_rate", MIMI_FRAME_RATE))
         self.frame_samples = math.ceil(self.sample_rate / frame_rate)
@@ -176,24 +200,41 @@ class _EncodeRun:
                 self.skip(item, "missing", f"{self.source.location}, {where}: no audio path")
                 continue
             report: Dict[str, float] = {}
-            try:
-                wave = self.source.read(item, sr, report)
+            step = int(round(self.max_seconds * sr)) if self.max_seconds else None
+            try:  # checks the whole file (or what truncate keeps) block by block
+                audio = self.source.open(
+                    item,
+                    sr,
+                    max_samples=step if self.long_files == "truncate" else None,
+                    report=report,
+                    block_seconds=self.max_seconds or BLOCK_SECONDS,
+                )
             except (OSError, ValueError, TypeError, RuntimeError) as e:
                 self.skip(item, skip_kind(e), str(e))
                 continue
-            if wave.shape[-1] < self.frame_samples:
-                ms = 1000 * wave.shape[-1] / sr
+            n = audio.num_samples
+            if "header_frames" in report:  # the file holds less than its header says
+                reason = (
+                    f"its header says {report['header_seconds']:.2f} s, it holds {n / sr:.2f} s"
+                )
+                if self.short_files is None:
+                    self.skip(item, "short file", reason)
+                    continue
+                self.short_files.append({"id": item.id, "path": item.path or "", "reason": reason})
+            if n < self.frame_samples:
+                ms = 1000 * n / sr
                 self.skip(item, "too short", f"{ms:.0f} ms: shorter than one Mimi frame (80 ms)")
                 continue
             if "peak" in report and self.normalised is not None:
                 self.normalised.append(
                     {"id": item.id, "path": item.path or "", "peak": report["peak"]}
                 )
-            cut = cut_long_audio(wave, sr, self.max_seconds, self.long_files)
-            self.in_flight[item.index] = _ItemCount(pieces_left=len(cut))
-            partial = len(cut) > 1 or cut[0][1].shape[-1] < wave.shape[-1]
-            for k, (start, piece) in enumerate(cut):
-                yield _Piece(item, k, start, piece, wave.shape[-1], partial)
+            spans = piece_spans(n, sr, self.max_seconds, self.long_files)
+            self.in_flight[item.index] = _ItemCount(pieces_left=len(spans))
+            partial = len(spans) > 1 or spans[0][1] < n
+            # the pieces are read one at a time: at most a piece and a block are held per item
+            for k, ((start, _), piece) in enumerate(zip(spans, audio.pieces(step))):
+                yield _Piece(item, k, start, piece, n, partial)
 
     def add(self, piece: _Piece, codes) -> None:
         """Keeps the codes of one piece as a row; the item is done when its last piece is."""
@@ -249,13 +290,17 @@ def encode_items(
     progress: Optional[Callable[[int, float], None]] = None,
     logger=None,
     normalised: Optional[List[Dict[str, Any]]] = None,
+    short_files: Optional[List[Dict[str, Any]]] = None,
 ) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]]]:
     """Encodes ``items`` in batches of similar length; returns ``(rows, skipped)``.
 
     Items are sorted by their header duration so that a batch wastes little on padding; each
-    is read, checked, mixed down and resampled (``llama_mimi_tt.audio``), cut by the
-    ``max_seconds`` rule, and encoded with ``codec.encode_batch``. Rows come back in source
-    order (item index, then segment), whatever the batch order was.
+    is checked, mixed down and resampled (``llama_mimi_tt.audio``), cut by the ``max_seconds``
+    rule (:func:`piece_spans`), and encoded with ``codec.encode_batch``. A file is read in
+    blocks and its pieces made one at a time (``AudioSource.open``), so memory is bounded by
+    ``max_seconds`` and the batch, not by the file's length; ``truncate`` decodes only what it
+    keeps. Rows come back in source order (item index, then segment), whatever the batch
+    order was.
 
     Args:
         source (AudioSource): where the items come from.
@@ -271,6 +316,9 @@ def encode_items(
         logger: where skip reasons are logged (``logger.warning``).
         normalised (Optional[List[dict]]): if given, gets ``{"id", "path", "peak"}`` of every
             item whose audio was normalised (peak above 2.0).
+        short_files (Optional[List[dict]]): an item that holds less audio than its header says
+            (a cut-off WAV) is skipped (kind ``short file``) when None; else what it holds is
+            encoded, with a logged warning, and ``{"id", "path", "reason"}`` goes here.
 
     Returns:
         rows (List[dict]): one per piece, with the columns of ``SHARD_SCHEMA`` (``codes`` as
@@ -279,7 +327,9 @@ def encode_items(
             be read or is shorter than one Mimi frame, 80 ms (kind: missing, unreadable, empty,
             non-finite, too short, invalid).
     """
-    run = _EncodeRun(source, codec, max_seconds, long_files, progress, logger, normalised)
+    run = _EncodeRun(
+        source, codec, max_seconds, long_files, progress, logger, normalised, short_files
+    )
     sr = run.sample_rate
     order = sorted(items, key=lambda it: (source.seconds_hint(it), it.index))
     max_batch_samples = int(max_batch_seconds * sr) if max_batch_seconds else None
@@ -357,7 +407,7 @@ def write_shard(path: Path, rows: Sequence[Dict[str, Any]], metadata: dict) -> N
     table = rows_to_table(rows, metadata)
     try:
         with writing(path):
-            pq.write_table(table, tmp, compression="zstd")
+            pq.write_table(table, tmp, compression="zstd", row_group_size=ROWS_PER_GROUP)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -405,39 +455,52 @@ def _holder_is_gone(host: str, pid: int, age_s: float, timeout_s: float) -> bool
 
 
 def claim_holder(claim: Path, timeout_s: float) -> Optional[str]:
-    """``host:pid`` of the live process that holds a claim file; None if it is stale or gone."""
+    """``host:pid`` of the live process that holds a claim file; None if it is stale or gone.
+    A claim that cannot be read is stale: claims appear whole (:func:`claim_shard`), so one
+    that is empty or damaged was left by a failure and nobody holds it."""
     try:
         info = json.loads(Path(claim).read_text())
         age = time.time() - Path(claim).stat().st_mtime
-    except FileNotFoundError:
+        host, pid = str(info["host"]), int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    except (OSError, ValueError):
-        return "unknown"  # being written right now
-    if _holder_is_gone(str(info.get("host")), int(info.get("pid", -1)), age, timeout_s):
+    if _holder_is_gone(host, pid, age, timeout_s):
         return None
-    return f"{info.get('host')}:{info.get('pid')}"
+    return f"{host}:{pid}"
+
+
+def shard_holder(path: Path, timeout_s: float) -> Optional[str]:
+    """``host:pid`` of the live process that holds shard ``path``'s claim, else None."""
+    return claim_holder(Path(f"{path}{CLAIM_SUFFIX}"), timeout_s)
 
 
 def claim_shard(path: Path, timeout_s: float) -> Optional[str]:
     """Claims a shard for this process. None when claimed; else ``host:pid`` of the process
-    that holds it. A stale claim is taken over (see the module docstring)."""
+    that holds it. A stale claim is taken over (see the module docstring).
+
+    The claim is written whole under a temporary name and linked into place (``os.link``
+    fails when the claim exists), so no process ever sees a claim half written; when it cannot
+    be written (a full disk) nothing is left behind."""
     claim = Path(f"{path}{CLAIM_SUFFIX}")
     body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
-    for _ in range(3):
-        try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = claim_holder(claim, timeout_s)
-            if holder is not None:
-                return holder
-            claim.unlink(missing_ok=True)  # stale: take it over
-            continue
-        except OSError:
-            with writing(claim):
-                raise
-        with writing(claim), os.fdopen(fd, "w") as f:
-            f.write(body)
-        return None
+    tmp = _temporary(claim)
+    try:
+        with writing(claim):
+            tmp.write_text(body)
+        for _ in range(3):
+            try:
+                os.link(tmp, claim)
+                return None
+            except FileExistsError:
+                holder = claim_holder(claim, timeout_s)
+                if holder is not None:
+                    return holder
+                claim.unlink(missing_ok=True)  # stale: take it over
+            except OSError:
+                with writing(claim):
+                    raise
+    finally:
+        tmp.unlink(missing_ok=True)
     return claim_holder(claim, timeout_s) or "unknown"
 
 
@@ -479,6 +542,7 @@ def encode_shard(
     progress: Optional[Callable[[int, float], None]] = None,
     logger=None,
     writer: Optional[dict] = None,
+    skip_short_files: bool = False,
     **encode_options: Any,
 ) -> Tuple[Optional[dict], Optional[str]]:
     """Claims shard ``path``, encodes its ``items`` (:func:`encode_items`) and writes it.
@@ -486,6 +550,8 @@ def encode_shard(
     Returns ``(metadata, None)`` when this process wrote it, ``(None, "host:pid")`` when another
     process holds its claim, and ``(None, None)`` when it was written meanwhile. ``writer``:
     extra metadata (rank, host); the claim is refreshed at every ``progress`` step.
+    ``skip_short_files``: skip files that hold less than their header says (else they are
+    encoded and listed in the shard's ``short_files``; see :func:`encode_items`).
     """
     path = Path(path)
     holder = claim_shard(path, claim_timeout_s)
@@ -501,6 +567,7 @@ def encode_shard(
                 progress(n, seconds)
 
         normalised: List[dict] = []
+        short_files: Optional[List[dict]] = None if skip_short_files else []
         rows, skipped = encode_items(
             source,
             items,
@@ -508,9 +575,11 @@ def encode_shard(
             progress=refresh,
             logger=logger,
             normalised=normalised,
+            short_files=short_files,
             **encode_options,
         )
         meta = shard_summary(len(items), rows, skipped, normalised, **(writer or {}))
+        meta["short_files"] = short_files or []
         write_shard(path, rows, meta)
     finally:
         release_claim(path)
@@ -550,12 +619,13 @@ def codec_fingerprint(codec) -> str:
 
 
 def remove_cache(output_dir: Path) -> None:
-    """Deletes the files of a code cache (and only those) from ``output_dir``, ``plan.json``
-    last: killed half-way, the folder still names the old plan, so no old shard is ever taken
+    """Deletes the files of a code cache (and only those, with its pack indexes) from
+    ``output_dir``, ``plan.json`` last: killed half-way, the folder still names the old plan, so no old shard is ever taken
     for a shard of the next cache."""
     output_dir = Path(output_dir)
     shards = sorted(output_dir.glob("shard-*.parquet*"))
     with writing(output_dir):
+        shutil.rmtree(output_dir / PACK_INDEX_FOLDER, ignore_errors=True)
         for f in shards + [output_dir / n for n in (MANIFEST_FILE, SKIPPED_FILE, PLAN_FILE)]:
             f.unlink(missing_ok=True)
 
@@ -675,17 +745,20 @@ def finalize_cache(output_dir: Path) -> Optional[dict]:
     counts = {"items": 0, "encoded_items": 0, "rows": 0, "frames": 0, "seconds": 0.0}
     skipped: List[dict] = []
     normalised: List[dict] = []
+    short_files: List[dict] = []
     for k in range(n):
         meta = shard_metadata(output_dir / shard_name(k, n))
         for key in counts:
             counts[key] += meta.get(key, 0)
         skipped += meta.get("skipped", [])
         normalised += meta.get("normalised", [])
+        short_files += meta.get("short_files", [])
     reasons: Dict[str, int] = {}
     for s in skipped:
         reasons[s["kind"]] = reasons.get(s["kind"], 0) + 1
     counts["skipped"] = len(skipped)
     counts["normalised"] = len(normalised)
+    counts["short_files"] = len(short_files)
     counts["hours"] = round(counts["seconds"] / 3600, 4)
     manifest = dict(plan)
     manifest.update(
@@ -694,6 +767,7 @@ def finalize_cache(output_dir: Path) -> Optional[dict]:
         skipped_by_reason=reasons,
         skipped_examples=skipped[:100],
         normalised_examples=normalised[:100],
+        short_files_examples=short_files[:100],
         shards=[shard_name(k, n) for k in range(n)],
         shard_rows=[pq.read_metadata(output_dir / shard_name(k, n)).num_rows for k in range(n)],
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -705,8 +779,9 @@ def finalize_cache(output_dir: Path) -> Optional[dict]:
     return manifest
 
 
-def read_cache_manifest(cache_dir: str) -> dict:
-    """``cache.json`` of a finished cache, with clear errors for a missing or unfinished one."""
+def read_cache_manifest(cache_dir: str, check_shards: bool = True) -> dict:
+    """``cache.json`` of a finished cache, with clear errors for a missing or unfinished one;
+    ``check_shards`` also reads every shard's footer (a cost that grows with the cache)."""
     d = Path(str(cache_dir)).expanduser()
     if not d.exists():
         raise MissingFileError(
@@ -733,7 +808,7 @@ def read_cache_manifest(cache_dir: str) -> dict:
             f"code cache {d} has format_version {version}; this llama_mimi_tt reads "
             f"{CACHE_FORMAT_VERSION}. Rebuild it with tune run llama_mimi_tokenize."
         )
-    for name in info["shards"]:
+    for name in info["shards"] if check_shards else ():
         problem = shard_problem(d / name)
         if problem:
             raise corrupt_shard_error(d, d / name, problem)

@@ -357,7 +357,9 @@ def _cached_codes(cache_dir, source, codec, files_fingerprint, shard_size, pbar,
         if cc.shard_problem(path) is None:
             pbar.update(len(items))
         else:
-            _, holder = cc.encode_shard(path, source, items, codec, **options)
+            _, holder = cc.encode_shard(
+                path, source, items, codec, skip_short_files=True, **options
+            )
             if holder is not None:
                 raise UserError(f"{path}: another process ({holder}) is encoding it; wait for it")
         skipped += cc.shard_metadata(path)["skipped"]

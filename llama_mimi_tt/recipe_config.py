@@ -296,9 +296,10 @@ def check_inputs(cfg: DictConfig, config_file: str) -> None:
         import torch  # only here: the key check above stays light
 
         if not torch.cuda.is_available():
+            dtype = " (and dtype=fp32 or bf16)" if "dtype" in cfg else ""  # only where read
             raise UserError(
                 f"device={device} but this machine has no CUDA GPU: run on a GPU, or set "
-                "device=cpu (and dtype=fp32 or bf16)"
+                f"device=cpu{dtype}"
             )
 
 

@@ -152,7 +152,7 @@ def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -
         group = todo[b0 : b0 + batch]
         ids = []
         for item in group:
-            wave = load_audio(item["path"], sr)[: int(gcfg.get("prompt_seconds", 3.0) * sr)]
+            wave = load_audio(item["path"], sr, max_seconds=gcfg.get("prompt_seconds", 3.0))
             with writing(gen_dir / f"{item['id']}_prompt.wav"):
                 item["prompt_cut"] = str(save_audio(gen_dir / f"{item['id']}_prompt.wav", wave, sr))
             prompt, _ = tokenizer.continuation_ids(codec.encode(wave, sr))  # audio left open

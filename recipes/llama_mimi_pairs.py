@@ -71,7 +71,7 @@ def recipe_main(cfg: DictConfig) -> None:
     params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k)
     items, codes, samples = [], [], defaultdict(list)
     for i, item in enumerate(tqdm(source.items, desc="sampling")):
-        wave = source.read(item, sr)[: int(cfg.prompt_seconds * sr)]
+        wave = source.read(item, sr, max_seconds=cfg.prompt_seconds)  # reads only those
         prompt_codes = codec.encode(wave, sr)
         prompt_wav = save_audio(out / "samples" / f"{item.id}_prompt.wav", wave, sr)
         ids, _ = tokenizer.continuation_ids(prompt_codes)

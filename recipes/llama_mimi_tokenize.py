@@ -42,6 +42,7 @@ from llama_mimi_tt.code_cache import (
     encode_shard,
     finalize_cache,
     remove_stale_temporaries,
+    shard_holder,
     shard_items,
     shard_name,
     shard_problem,
@@ -154,7 +155,8 @@ def shards_to_encode(output_dir: Path, num_shards: int, rank: int, world_size: i
 
 def encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank) -> Dict[str, Any]:
     """Encodes the ``todo`` shards one at a time (each claimed first); returns this run's counts."""
-    run = {"shards_written": 0, "files_skipped": 0, "files_normalised": 0, "audio_seconds": 0.0}
+    run = {"shards_written": 0, "files_skipped": 0, "files_normalised": 0, "files_short": 0}
+    run["audio_seconds"] = 0.0
     total = sum(len(shards[k]) for k in todo)
     pbar = tqdm(total=total, unit="file", desc=f"Encoding (rank {rank})", disable=rank != 0)
     t0 = time.perf_counter()
@@ -193,6 +195,7 @@ def encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank
             run["shards_written"] += 1
             run["files_skipped"] += len(meta["skipped"])
             run["files_normalised"] += len(meta["normalised"])
+            run["files_short"] += len(meta["short_files"])
             log.info(
                 f"rank {rank}: wrote {path.name} ({meta['rows']} rows, "
                 f"{meta['seconds']:.1f} s of audio, {len(meta['skipped'])} skipped)"
@@ -203,9 +206,23 @@ def encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank
         f"rank {rank}: encoded {run['shards_written']} shards, {seconds / 3600:.3f} h of audio "
         f"in {elapsed:.1f} s ({seconds / max(elapsed, 1e-9):.1f} audio s/s), "
         f"{run['files_skipped']} files skipped, {run['files_normalised']} normalised "
-        "(peak above 2.0)"
+        f"(peak above 2.0), {run['files_short']} shorter than their header says (encoded as "
+        "they are)"
     )
     return run
+
+
+def check_encoded(output_dir: Path, num_shards: int, todo: Sequence[int], timeout_s: float):
+    """Fails when shards this run was to encode are still missing and no live process holds
+    them (a claim holder that died meanwhile): the run must not look successful."""
+    paths = [output_dir / shard_name(k, num_shards) for k in todo]
+    left = [p for p in paths if shard_problem(p) is not None and shard_holder(p, timeout_s) is None]
+    if left:
+        raise UserError(
+            f"{len(left)} shards of {output_dir} were not encoded ({left[0].name}"
+            f"{', ...' if len(left) > 1 else ''}): the process that claimed them stopped. "
+            "Run the same command again to encode them."
+        )
 
 
 def finish(output_dir: Path, num_shards: int, num_quantizers: int):
@@ -234,7 +251,7 @@ def finish(output_dir: Path, num_shards: int, num_quantizers: int):
         f"code cache complete: {output_dir} -- {c['encoded_items']} of {c['items']} files, "
         f"{c['rows']} rows, {c['hours']:.3f} h, Q={num_quantizers}; skipped {c['skipped']}"
         + (f" {manifest['skipped_by_reason']}" if c["skipped"] else "")
-        + f"; normalised {c['normalised']}"
+        + f"; normalised {c['normalised']}; shorter than their header {c['short_files']}"
     )
     return manifest
 
@@ -253,6 +270,8 @@ def tokenize(cfg: DictConfig) -> Dict[str, Any]:
     remove_stale_temporaries(output_dir, float(cfg.get("claim_timeout_s", 3600)))
     todo = shards_to_encode(output_dir, len(shards), rank, world_size)
     run = encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank)
+    if cfg.get("max_shards") is None:
+        check_encoded(output_dir, len(shards), todo, float(cfg.get("claim_timeout_s", 3600)))
     manifest = finish(output_dir, len(shards), int(cfg.num_quantizers))
     return {"rank": rank, **run, "manifest": manifest}
 

@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     gen_dir = out / "generate"
     from llama_mimi_tt.audio import load_audio, save_audio
 
-    prompt = load_audio(args.prompt, 24000)[: int(args.prompt_seconds * 24000)]
+    prompt = load_audio(args.prompt, 24000, max_seconds=args.prompt_seconds)
     prompt_path = save_audio(out / "prompt.wav", prompt, 24000)
     tiny = not (args.llama or args.llama_mimi)
     gen_args = [

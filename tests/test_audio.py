@@ -7,7 +7,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from llama_mimi_tt.audio import load_audio, prepare_waveform, save_audio, synthetic_audio
+from llama_mimi_tt.audio import (
+    load_audio,
+    open_audio,
+    prepare_waveform,
+    save_audio,
+    synthetic_audio,
+)
+from llama_mimi_tt.code_cache import cut_long_audio
 
 
 def _sine(freq, seconds, sample_rate, amp=0.5):
@@ -118,3 +125,104 @@ def test_synthetic_audio_is_deterministic_and_varied():
     # several levels: segment RMS spans well over 20 dB
     rms = a.reshape(2, -1, 1800).pow(2).mean(-1).sqrt()
     assert rms.max() / rms.min().clamp(min=1e-6) > 10
+
+
+# ---- files read in blocks -------------------------------------------------------------------
+def _multichannel(seconds, sample_rate, channels, seed, loud_at=None):
+    """Tones and noise per channel, float32 [samples, channels]; a +-6 spike at ``loud_at`` s."""
+    g = np.random.default_rng(seed)
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    data = np.stack(
+        [
+            0.3 * np.sin(2 * math.pi * (150 + 70 * c) * t) + 0.05 * g.standard_normal(len(t))
+            for c in range(channels)
+        ],
+        axis=1,
+    ).astype(np.float32)
+    if loud_at is not None:
+        data[int(loud_at * sample_rate)] = 6.0
+    return data
+
+
+def _whole_file_pieces(path, max_seconds, long_files):
+    """Today's reference: the whole file read, checked, resampled, then cut."""
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    report = {}
+    wave = prepare_waveform(data.T, sr, 24000, str(path), report)
+    return wave, cut_long_audio(wave, 24000, max_seconds, long_files), report
+
+
+@pytest.mark.parametrize(
+    "sample_rate,channels,fmt,loud_at",
+    [(16000, 2, "FLAC", None), (44100, 3, "WAV", 7.3), (22050, 1, "WAV", None)],
+)
+def test_block_read_pieces_match_the_whole_file(tmp_path, sample_rate, channels, fmt, loud_at):
+    path = tmp_path / f"x.{fmt.lower()}"
+    subtype = "FLOAT" if loud_at else None  # a float file can hold +-6
+    data = _multichannel(9.37, sample_rate, channels, seed=channels, loud_at=loud_at)
+    sf.write(str(path), data, sample_rate, format=fmt, subtype=subtype)
+    wave, ref, ref_report = _whole_file_pieces(path, 2.0, "split")
+    report = {}
+    audio = open_audio(path, 24000, report=report, block_seconds=0.7)  # 14 blocks, not aligned
+    assert audio.num_samples == audio.length == wave.shape[-1]
+    pieces = list(audio.pieces(48000))
+    assert len(pieces) == 5 and [len(p) for p in pieces] == [48000] * 4 + [wave.shape[-1] - 192000]
+    assert len(ref) == 5
+    for (_, expected), got in zip(ref, pieces):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert report == ref_report  # the same peak normalises every piece: the file's
+    if loud_at:
+        assert report["peak"] == 6.0  # at 7.3 s, in the fourth piece
+    # truncate: only the first 2 s (and the resampler's margin) are read, same samples
+    # (the peak is the part's: the spike at 7.3 s is not read, so nothing is normalised)
+    first = open_audio(path, 24000, max_samples=48000, block_seconds=0.7)
+    assert first.num_samples == wave.shape[-1] and first.length == 48000
+    expected = ref[0][1] * (6.0 if loud_at else 1.0)
+    torch.testing.assert_close(first.read(), expected, atol=3e-6, rtol=0)
+    torch.testing.assert_close(
+        load_audio(path, 24000, max_seconds=2.0), expected, atol=3e-6, rtol=0
+    )
+
+
+def test_truncate_never_decodes_past_what_it_keeps(tmp_path):
+    data = _multichannel(6.0, 16000, 1, seed=0)
+    data[int(4.0 * 16000)] = np.nan  # after 2 s + the resampler's margin
+    sf.write(str(tmp_path / "tail.wav"), data, 16000, subtype="FLOAT")
+    wave = load_audio(tmp_path / "tail.wav", 24000, max_seconds=2.0)
+    assert wave.shape == (48000,) and torch.isfinite(wave).all()
+    with pytest.raises(
+        ValueError,
+        match=r"tail.wav: audio has 1 NaN and 0 inf samples \(first at index \(0, 64000\)\)",
+    ):
+        load_audio(tmp_path / "tail.wav", 24000)
+
+
+def _flac_claiming(path, data, sample_rate, claimed_frames):
+    """A FLAC whose STREAMINFO says it holds ``claimed_frames`` (a lying header)."""
+    sf.write(str(path), data, sample_rate, format="FLAC")
+    raw = bytearray(path.read_bytes())
+    field = int.from_bytes(raw[18:26], "big")  # 'fLaC', block header, 10 bytes of STREAMINFO
+    field = (field & ~((1 << 36) - 1)) | claimed_frames  # total samples: the low 36 bits
+    raw[18:26] = field.to_bytes(8, "big")
+    path.write_bytes(bytes(raw))
+
+
+def test_a_header_that_claims_more_frames_reads_what_the_file_holds(tmp_path, caplog):
+    data = _multichannel(3.0, 16000, 1, seed=1)[:, 0]
+    path = tmp_path / "liar.flac"
+    _flac_claiming(path, data, 16000, 10 * 3600 * 16000)  # says 10 hours
+    assert sf.info(str(path)).duration == pytest.approx(36000)
+    report = {}
+    audio = open_audio(path, 24000, report=report, block_seconds=1.0)
+    # decoded up to the error, then in steps of 1024 frames: at most 1024 frames lost
+    assert 3 * 24000 - 1536 <= audio.num_samples <= 3 * 24000
+    assert report["header_frames"] == 10 * 3600 * 16000
+    assert "liar.flac: the header says 576000000 frames" in caplog.text
+    wave = audio.read()
+    assert wave.shape == (audio.num_samples,) and torch.isfinite(wave).all()
+    whole = prepare_waveform(data, 16000, 24000)
+    np.testing.assert_allclose(wave[:24000], whole[:24000], atol=1e-3)  # FLAC is 16-bit
+    # truncate trusts the header for the file's length, reads only its first second
+    first = open_audio(path, 24000, max_samples=24000)
+    assert first.length == 24000 and first.num_samples == 10 * 3600 * 24000

@@ -98,3 +98,23 @@ def test_debug_switch_shows_the_traceback(monkeypatch, capsys, recipe, override,
 def test_unexpected_errors_keep_their_traceback(runs):
     code, _, err = runs["bug"]
     assert code != 0 and "Traceback" in err and "RuntimeError: a bug in the codec" in err
+
+
+@pytest.mark.parametrize("recipe", ["llama_mimi_tokenize", "llama_mimi_generate"])
+def test_the_no_cuda_advice_works_when_followed(monkeypatch, tmp_path, recipe):
+    import re
+
+    from llama_mimi_tt.errors import UserError
+    from llama_mimi_tt.recipe_config import check_argv_inputs, prepare_argv
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = [recipe, "--config", recipe[11:], f"output_dir={tmp_path / 'out'}"]
+    if recipe == "llama_mimi_tokenize":
+        base.append(f"source={REPO / 'demo'}")
+    with pytest.raises(UserError, match="no CUDA GPU") as e:
+        check_argv_inputs(prepare_argv(base + ["device=cuda"], recipe))
+    advice = re.findall(r"(\w+=\w+)", str(e.value).split("or set ", 1)[1])
+    assert advice[0] == "device=cpu" and ("dtype=fp32" in advice) == (
+        recipe != "llama_mimi_tokenize"
+    )
+    check_argv_inputs(prepare_argv(base + ["device=cuda"] + advice, recipe))  # no error

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -24,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from llama_mimi_tt import audio_token_dataset, llama_mimi_tokenizer
-from llama_mimi_tt.audio import synthetic_audio
+from llama_mimi_tt.audio import prepare_waveform, synthetic_audio
 from llama_mimi_tt.audio_sources import open_audio_source
 from llama_mimi_tt.code_cache import (
     MANIFEST_FILE,
@@ -356,6 +357,10 @@ def test_q_slicing_from_q8_cache(corpus, tmp_path):
     assert len(from_q8) == len(from_q4) == len(SECONDS)
     for a, b in zip(from_q8, from_q4):
         assert a["tokens"] == b["tokens"]
+    # the other way round is a user's mistake: a UserError (one line from the recipes)
+    tok8 = llama_mimi_tokenizer("builtin:byte", num_quantizers=8)
+    with pytest.raises(UserError, match="num_quantizers=8, but .* holds only 4 levels per frame"):
+        audio_token_dataset(tok8, str(q4_dir), **kw)
 
 
 def test_dataset_from_raw_audio_with_codec(corpus, tmp_path):
@@ -449,8 +454,9 @@ def test_corrupt_shard_is_named_by_training_and_redone_by_tokenize(
         codes.total_compressed_size - 50
     )
     victim.write_bytes(bytes(garbage))
+    ds = load()  # the index reads only the small columns; the codes are read per item
     with pytest.raises(UserError, match=rf"shard {victim} is corrupt: ZSTD decompression"):
-        load()
+        [ds[i] for i in range(len(ds))]
     CountingCodec.encoded = []
     summary = run_tokenize(corpus[0], out)  # the rerun reads finished shards' rows too
     assert summary["shards_written"] == 1 and len(CountingCodec.encoded) == 2  # shard_size
@@ -554,3 +560,139 @@ def test_shorter_than_a_frame_is_skipped(tmp_path):
     info = run_tokenize(tmp_path / "a", tmp_path / "out")["manifest"]
     assert info["counts"]["encoded_items"] == 1 and info["skipped_by_reason"] == {"too short": 1}
     assert info["skipped_examples"][0]["reason"] == "10 ms: shorter than one Mimi frame (80 ms)"
+
+
+def test_long_files_read_in_blocks_give_the_codes_of_the_whole_file(tmp_path):
+    """Block-read pieces (1 s; blocks of 1 s that do not line up with them) against today's
+    route: the whole file read, checked, mixed down, resampled, then cut. Same rows, same
+    codes, with split and truncate."""
+    g = np.random.default_rng(5)
+    stereo = (0.2 * g.standard_normal((round(2.3 * 16000), 2))).astype(np.float32)
+    loud = (0.1 * g.standard_normal((round(1.6 * 44100), 3))).astype(np.float32)
+    loud[round(1.4 * 44100)] = 5.0  # the file's peak, in its second piece: normalises both
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        sf.write(tmp_path / folder / "stereo16k.flac", stereo, 16000)
+    sf.write(tmp_path / "a" / "loud44k.wav", loud, 44100, subtype="FLOAT")
+    run_tokenize(tmp_path / "a", tmp_path / "split", max_seconds=1.0, long_files="split")
+    run_tokenize(tmp_path / "b", tmp_path / "trunc", max_seconds=1.0, long_files="truncate")
+    rows = pq.read_table(tmp_path / "split" / shard_name(0, 1)).to_pylist()
+    rows += pq.read_table(tmp_path / "trunc" / shard_name(0, 1)).to_pylist()
+    expected = []
+    for name, rule in (
+        ("loud44k.wav", "split"),
+        ("stereo16k.flac", "split"),
+        ("stereo16k.flac", "truncate"),
+    ):
+        data, sr = sf.read(tmp_path / "a" / name, dtype="float32", always_2d=True)
+        wave = prepare_waveform(data.T, sr, 24000)
+        for k, (start, piece) in enumerate(cut_long_audio(wave, 24000, 1.0, rule)):
+            expected.append((Path(name).stem, k, start, piece, wave.shape[-1]))
+    assert [(r["id"], r["segment"]) for r in rows] == [e[:2] for e in expected]
+    assert len(rows) == 2 + 3 + 1
+    codec, codes = _random_codec(4), {}
+    for row, (uid, k, start, piece, n) in zip(rows, expected):
+        assert row["partial"] is True
+        assert row["start"] == pytest.approx(start / 24000)
+        assert row["duration"] == pytest.approx(piece.shape[-1] / 24000)
+        assert row["source_duration"] == pytest.approx(n / 24000)
+        if (uid, k) not in codes:
+            codes[uid, k] = codec.encode(piece, 24000).numpy()
+        stored = np.asarray(row["codes"]).reshape(4, row["num_frames"])
+        assert np.array_equal(stored, codes[uid, k]), (uid, k)
+
+
+def test_truncate_keeps_a_file_whose_tail_it_never_reads(tmp_path):
+    wave = synthetic_audio(5.0, 16000, seed=2)[0].numpy()
+    wave[4 * 16000] = np.nan  # past 2 s and the resampler's margin
+    (tmp_path / "a").mkdir()
+    sf.write(tmp_path / "a" / "tail.wav", wave, 16000, subtype="FLOAT")
+    info = run_tokenize(tmp_path / "a", tmp_path / "t", max_seconds=2.0, long_files="truncate")
+    assert info["manifest"]["counts"]["rows"] == 1
+    with pytest.raises(UserError, match=r"every|all"):
+        run_tokenize(tmp_path / "a", tmp_path / "s", max_seconds=2.0, long_files="split")
+
+
+def cut_off_wav(path: Path, header_seconds: float, seconds: float, sample_rate=16000) -> Path:
+    """A WAV whose header claims ``header_seconds`` but that holds ``seconds`` (cut off)."""
+    sf.write(path, synthetic_audio(seconds, sample_rate, seed=3)[0].numpy(), sample_rate)
+    data = bytearray(path.read_bytes())
+    i = data.find(b"data")
+    data[i + 4 : i + 8] = int(header_seconds * sample_rate * 2).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_cut_off_wav_is_encoded_warned_and_counted_by_tokenize_and_skipped_by_eval(
+    tmp_path, caplog
+):
+    write_audio(tmp_path / "a", seconds=[0.5])
+    cut_off_wav(tmp_path / "a" / "cut.wav", 1.5, 0.5)
+    info = run_tokenize(tmp_path / "a", tmp_path / "out")["manifest"]
+    assert info["counts"]["encoded_items"] == 2 and info["counts"]["short_files"] == 1
+    assert info["short_files_examples"][0]["id"] == "cut"
+    assert info["short_files_examples"][0]["reason"] == "its header says 1.50 s, it holds 0.50 s"
+    assert "cut.wav: the header says 24000 frames (1.50 s), the file holds only 8000" in caplog.text
+    # eval scores nothing of a damaged file: skipped with its reason, counted
+    source = open_audio_source(str(tmp_path / "a"))
+    rows, skipped = encode_items(source, source.items, _random_codec(4), max_seconds=None)
+    assert [r["id"] for r in rows] == ["sub/u0"]
+    assert [(s["id"], s["kind"]) for s in skipped] == [("cut", "short file")]
+
+
+def test_a_failed_claim_leaves_nothing_and_unreadable_claims_are_stale(
+    corpus, tmp_path, monkeypatch
+):
+    out = tmp_path / "cache"
+    run_tokenize(corpus[0], out, max_shards=1)
+    real_link = os.link
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "link", full)  # the disk fills up as shard 1 is claimed
+    with pytest.raises(UserError, match=r"cannot write .*shard-00001-of-00005.parquet.claim: No"):
+        run_tokenize(corpus[0], out)
+    monkeypatch.setattr(os, "link", real_link)
+    assert not [p for p in out.iterdir() if ".claim" in p.name or ".tmp" in p.name]
+    # claims left empty or damaged by earlier versions: nobody holds them
+    for k, text in ((1, ""), (2, "{not json"), (3, '{"host": "x"}')):
+        claim = Path(f"{out / shard_name(k, 5)}.claim")
+        claim.write_text(text)
+        os.utime(claim, (time.time() - 7200,) * 2 if k == 1 else None)
+    assert run_tokenize(corpus[0], out)["manifest"]["complete"]
+    assert not list(out.glob("*.claim"))
+
+
+def test_shards_left_unencoded_fail_the_run(corpus, tmp_path, monkeypatch):
+    """A shard skipped because another process held it, which then stopped without writing
+    it: the run says so and fails, instead of looking complete."""
+    out = tmp_path / "cache"
+    real = llama_mimi_tokenize.encode_shard
+
+    def held_then_dropped(path, *args, **kwargs):
+        if path.name == shard_name(3, 5):
+            return None, "other-host:1"  # its holder stopped: no claim, no shard
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(llama_mimi_tokenize, "encode_shard", held_then_dropped)
+    with pytest.raises(UserError, match=r"1 shards of .* were not encoded \(shard-00003-of-"):
+        run_tokenize(corpus[0], out)
+    monkeypatch.setattr(llama_mimi_tokenize, "encode_shard", real)
+    assert run_tokenize(corpus[0], out)["manifest"]["complete"]  # as the message advises
+
+
+def test_a_code_cache_given_as_tokenize_source_says_how_to_train_on_it(reference_cache, tmp_path):
+    """A code cache is not audio: tokenize's source names it and the config key to use; that
+    advice works; a column of a dataset that holds no audio is a one-line error."""
+    cache = reference_cache[0]
+    with pytest.raises(UserError, match=r"is a code cache \(cache.json.*cache_dir=<it>"):
+        run_tokenize(cache, tmp_path / "again")
+    tok = llama_mimi_tokenizer("builtin:byte", num_quantizers=4)
+    ds = audio_token_dataset(tok, str(cache), split="all")  # what cache_dir=<cache> does
+    assert len(ds) == reference_cache[2]["manifest"]["counts"]["rows"] == 7
+    shards = tmp_path / "shards"  # a shard of the cache without its cache.json
+    shards.mkdir()
+    shutil.copy(cache / "shard-00002-of-00005.parquet", shards)
+    with pytest.raises(UserError, match="column 'codes' holds no audio .*set audio_column"):
+        open_audio_source(str(shards), audio_column="codes")
