@@ -1,8 +1,10 @@
 """Load test of `tune run llama_mimi_serve` on 127.0.0.1: 16 concurrent streaming clients, with
-batching on and off (its peer), and the server's memory after 200 requests against after 20.
+batching on and off (its peer), the server's memory after 200 requests against after 20, and
+its peak memory while it refuses audio bombs (10 and 100 hours of FLAC silence) against idle.
 
     python bench/bench_serve.py            # prints the table
     python bench/bench_serve.py --write    # and puts it in bench/RESULTS.md (its own section)
+    python bench/bench_serve.py --bombs-only   # the audio bomb table alone
 
 The server runs as its own process (the serve config: tiny random model, random Mimi, CPU), so
 the clients' threads do not share its interpreter. Each client streams a continuation of its
@@ -20,11 +22,14 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import List
 
 import httpx
+import numpy as np
 import soundfile as sf
 
 HERE = Path(__file__).resolve().parent
@@ -180,6 +185,70 @@ def memory_test(n_first=20, n_total=200, n_more=400) -> dict:
     )
 
 
+def flac_silence(path: Path, hours: float, sample_rate: int = 8000) -> Path:
+    """Hours of 16-bit silence as FLAC (about 0.09 MB an hour): an audio bomb."""
+    block, left = np.zeros(sample_rate * 600, np.int16), int(hours * 3600 * sample_rate)
+    with sf.SoundFile(path, "w", sample_rate, 1, subtype="PCM_16", format="FLAC") as f:
+        while left > 0:
+            f.write(block[: min(left, len(block))])
+            left -= len(block)
+    return path
+
+
+def bomb_test(hours=(10, 100)) -> List[dict]:
+    """The server's resident memory while it refuses FLAC bombs (hours of silence under
+    max_upload_mb), sampled every 5 ms from before the upload until the answer, against its
+    idle memory just before."""
+    server = Server()
+    rows = []
+    try:
+        httpx.post(f"{server.url}/v1/continue", content=prompt_wav(0.5, 1), timeout=600)
+        for h in hours:
+            with tempfile.TemporaryDirectory() as tmp:
+                body = flac_silence(Path(tmp) / "bomb.flac", h).read_bytes()
+            idle = rss_mb(server.proc.pid)
+            peak, done = [idle], threading.Event()
+
+            def sample(peak, done):
+                while not done.is_set():
+                    peak.append(rss_mb(server.proc.pid))
+                    time.sleep(0.005)
+
+            sampler = threading.Thread(target=sample, args=(peak, done))
+            sampler.start()
+            t0 = time.perf_counter()
+            r = httpx.post(f"{server.url}/v1/continue", content=body, timeout=600)
+            wall = time.perf_counter() - t0
+            done.set()
+            sampler.join()
+            rows.append(
+                dict(hours=h, mb=len(body) / 2**20, status=r.status_code, error=r.json()["error"],
+                     idle=idle, peak=max(peak), wall=wall)
+            )  # fmt: skip
+        rows.append(dict(health=httpx.get(f"{server.url}/health").json()["status"]))
+    finally:
+        server.close()
+    return rows
+
+
+def bomb_table(rows) -> str:
+    lines = [
+        "Audio bombs (FLAC of 8 kHz silence, under max_upload_mb=10) against the server of "
+        "the serve config; RSS sampled every 5 ms during the request:",
+        "",
+        "| audio | upload | answer | idle RSS | peak RSS | peak - idle | answer in |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows[:-1]:
+        lines.append(
+            f"| {r['hours']} h | {r['mb']:.2f} MB | {r['status']} {r['error'][:40]}... | "
+            f"{r['idle']:.0f} MB | {r['peak']:.0f} MB | {r['peak'] - r['idle']:+.1f} MB | "
+            f"{r['wall']:.2f} s |"
+        )
+    lines += ["", f"/health afterwards: {rows[-1]['health']}.", ""]
+    return "\n".join(lines)
+
+
 def table(rows, mem, seconds, prompt_seconds, load) -> str:
     lines = [
         SECTION,
@@ -226,14 +295,18 @@ def main():
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--prompt-seconds", type=float, default=1.0)
     parser.add_argument("--memory-only", action="store_true", help="print the memory figures")
+    parser.add_argument("--bombs-only", action="store_true", help="print the audio bomb table")
     args = parser.parse_args()
     if args.memory_only:
         print(memory_test())
         return
+    if args.bombs_only:
+        print(bomb_table(bomb_test()))
+        return
     load = os.getloadavg()[0]
     rows = [load_test(b, args.seconds, args.prompt_seconds) for b in (True, False)]
     mem = memory_test()
-    text = table(rows, mem, args.seconds, args.prompt_seconds, load)
+    text = table(rows, mem, args.seconds, args.prompt_seconds, load) + bomb_table(bomb_test())
     print(text)
     if args.write:
         write_section(text)

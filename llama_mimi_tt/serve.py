@@ -11,9 +11,7 @@ waits for a client. Bad input is a 4xx ``{"error": ...}``; no client-given path 
 
 import asyncio
 import base64
-import ctypes
-import ctypes.util
-import gc
+import difflib
 import hmac
 import io
 import ipaddress
@@ -29,18 +27,24 @@ from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Annotated, Dict, List, Optional
+from typing import Annotated, Dict, List, Optional, Sequence
 
 import numpy as np
 import soundfile as sf
 import torch
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from torchtune import utils
 
-from llama_mimi_tt.audio import load_audio
+try:
+    from fastapi import Depends, FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+except ImportError as e:
+    raise ImportError(
+        f"the server needs the [serve] extra ({e}): pip install 'llama-mimi-tt[serve]'"
+    ) from e
+
+from llama_mimi_tt.audio import audio_header, open_audio
 from llama_mimi_tt.codec import MimiCodec, num_frames
 from llama_mimi_tt.generation import SamplingParams, generate
 from llama_mimi_tt.vocab import MIMI_FRAME_RATE, MimiVocab
@@ -62,30 +66,6 @@ def wav_bytes(wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> by
     return buf.getvalue()
 
 
-GC_EVERY_N_BATCHES = 8  # under load, a full garbage collection this often (release_free_memory)
-try:  # glibc: malloc_trim returns freed heap pages to the OS
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-except (OSError, AttributeError):
-    _LIBC = None
-
-
-def release_free_memory(collect: bool) -> None:
-    """Hands the memory freed by finished requests back to the OS.
-
-    Each request leaves some reference cycles (the HTTP side's request and connection objects)
-    that only Python's full collection frees, and batches of every size leave the heap
-    fragmented; together they made the server's resident memory creep up by ~0.4 MB per
-    request although nothing is kept. ``collect`` runs that full collection (~0.2 s, so not
-    after every batch); glibc's ``malloc_trim`` then returns the free pages (a no-op where the
-    C library has none). Measured in process over 640 mixed requests: 1501, 1522, 1523 and
-    1528 MB after 32, 208, 400 and 640 requests."""
-    if collect:
-        gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 class ApiError(Exception):
     """A 4xx/5xx answer ``{"error": message}`` (with extra headers, e.g. Retry-After)."""
 
@@ -99,6 +79,7 @@ class ServeLimits:
     """What one server accepts and how it batches (the config's keys of the same names)."""
 
     max_upload_mb: float = 10.0  # request body size
+    upload_timeout_s: float = 30.0  # the whole request body must arrive within this; else 408
     max_prompt_seconds: float = 10.0  # prompt audio length
     max_seconds: float = 10.0  # continuation length a request may ask for
     max_samples: int = 4  # samples per request
@@ -111,7 +92,9 @@ class ServeLimits:
     compile: bool = False  # torch.compile the one-token step
 
     def __post_init__(self):
-        for name in ("max_upload_mb", "max_prompt_seconds", "max_seconds", "max_samples"):
+        for name in (
+            "max_upload_mb", "upload_timeout_s", "max_prompt_seconds", "max_seconds", "max_samples",
+        ):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_queue", "max_batch_size"):
@@ -251,25 +234,29 @@ class ContinuationBatcher:
             return batch
 
     def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if not batch:
-                return
-            self.active = len(batch)
-            t0 = time.perf_counter()
-            try:
-                self._generate(batch)
-            except Exception as e:  # a bug, not bad input: every job of the batch gets a 500
-                log.error(f"generation failed:\n{traceback.format_exc()}")
-                for job in batch:
-                    job.emit("error", 500, f"generation failed: {type(e).__name__}: {e}")
-            finally:
-                self.active = 0
-            self.batch_seconds = time.perf_counter() - t0
-            self.served += len(batch)
-            self.batches += 1
-            idle = self.pending == 0  # a full collection costs nothing while nobody waits
-            release_free_memory(collect=idle or self.batches % GC_EVERY_N_BATCHES == 0)
+        # one batch per call: its jobs and prompts are let go when the call returns, not kept
+        # by the loop's variables while the worker waits for the next batch
+        while self._answer(self._next_batch()):
+            pass
+
+    def _answer(self, batch: List[Job]) -> bool:
+        """Generates a batch and answers its jobs; False (stop) for the empty batch."""
+        if not batch:
+            return False
+        self.active = len(batch)
+        t0 = time.perf_counter()
+        try:
+            self._generate(batch)
+        except Exception as e:  # a bug, not bad input: every job of the batch gets a 500
+            log.error(f"generation failed:\n{traceback.format_exc()}")
+            for job in batch:
+                job.emit("error", 500, f"generation failed: {type(e).__name__}: {e}")
+        finally:
+            self.active = 0
+        self.batch_seconds = time.perf_counter() - t0
+        self.served += len(batch)
+        self.batches += 1
+        return True
 
     # -- one batch
     def _generate(self, batch: List[Job]) -> None:
@@ -372,6 +359,218 @@ def page_html() -> str:
     return (resources.files("llama_mimi_tt") / "static" / "index.html").read_text()
 
 
+QUERY_PARAMETERS = (
+    "seconds", "semantic_temperature", "acoustic_temperature", "top_k", "seed", "num_samples",
+)  # fmt: skip
+UPLOAD_NAME = "the uploaded audio"  # how messages call the upload (never its temporary path)
+
+
+def check_api_key(request: Request, api_key: Optional[str]) -> None:
+    """401 unless the request carries ``api_key`` (``X-API-Key`` or ``Authorization: Bearer``)."""
+    if not api_key:
+        return
+    given = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("authorization") or ""
+    if auth.lower().startswith("bearer "):
+        given = given or auth[7:].strip()
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise ApiError(401, "missing or wrong API key (send X-API-Key: <key>)")
+
+
+def check_query(request: Request, known: Sequence[str]) -> None:
+    """422 for a query parameter no route reads, naming the closest known one (a typo such as
+    ``temprature`` would otherwise sample at the default)."""
+    for name in request.query_params:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=2, cutoff=0.5)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ApiError(
+                422, f"unknown query parameter {name!r}: {hint}known: {', '.join(known)}"
+            )
+
+
+async def receive_upload(request: Request, path: str, limits: ServeLimits) -> None:
+    """Writes the request body to ``path``: 413 past ``max_upload_mb``, 408 when it has not all
+    arrived within ``upload_timeout_s``, 400 when it is empty."""
+    max_bytes = int(limits.max_upload_mb * 2**20)
+    too_big = ApiError(413, f"the upload is larger than max_upload_mb={limits.max_upload_mb:g} MB")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise too_big
+    size = 0
+    try:
+        async with asyncio.timeout(limits.upload_timeout_s):
+            with open(path, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise too_big
+                    f.write(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"the upload did not arrive within upload_timeout_s={limits.upload_timeout_s:g} s "
+            f"({size} bytes came)",
+        ) from None
+    if size == 0:
+        raise ApiError(400, "empty upload: send the prompt audio file as the request body")
+
+
+def read_prompt(path: str, sample_rate: int, max_seconds: float) -> torch.Tensor:
+    """The prompt audio in ``path``, checked, mono, at ``sample_rate``. Its length is read from
+    its header and refused (422) before anything is decoded; decoding stops after
+    ``max_seconds`` even when the header claims less, so no upload costs more than that."""
+    too_long = f"this server takes at most max_prompt_seconds={max_seconds:g} s"
+    limit = int(max_seconds * sample_rate)
+    try:
+        frames, rate = audio_header(path, UPLOAD_NAME)
+        if frames is not None and frames / rate > max_seconds:
+            raise ApiError(422, f"the prompt is {frames / rate:.2f} s long; {too_long}")
+        audio = open_audio(path, sample_rate, max_samples=limit + 1, name=UPLOAD_NAME)
+    except ValueError as e:  # UserError: what is wrong with the audio
+        if "cannot read audio" in str(e):
+            raise ApiError(
+                415, "the upload is not an audio file this server can read (wav, flac, ogg, mp3)"
+            ) from None
+        raise ApiError(422, str(e).replace(path, UPLOAD_NAME)) from None
+    if audio.num_samples > limit:  # a header that gave no length, or too few frames
+        raise ApiError(422, f"the prompt runs past its header's length; {too_long}")
+    return audio.read()
+
+
+async def read_upload(request: Request, limits: ServeLimits, uploads: str, sample_rate: int):
+    """The request body as a checked prompt waveform, via a temporary file deleted at once."""
+    fd, path = tempfile.mkstemp(dir=uploads, suffix=".upload")
+    os.close(fd)
+    try:
+        await receive_upload(request, path, limits)
+        return await run_in_threadpool(read_prompt, path, sample_rate, limits.max_prompt_seconds)
+    finally:
+        os.unlink(path)
+
+
+def check_request(limits: ServeLimits, stream: bool, params: dict) -> int:
+    """The continuation frames a request asks for; 422 when its parameters exceed the limits."""
+    seconds, num_samples = params["seconds"], params["num_samples"]
+    if seconds > limits.max_seconds:
+        raise ApiError(422, f"seconds={seconds:g} is more than max_seconds={limits.max_seconds:g}")
+    frames = round(seconds * MIMI_FRAME_RATE)
+    if frames < 1:
+        raise ApiError(422, f"seconds={seconds:g} is shorter than one frame (0.08 s)")
+    if num_samples > limits.max_samples:
+        raise ApiError(
+            422, f"num_samples={num_samples} is more than max_samples={limits.max_samples}"
+        )
+    if not stream and num_samples != 1:
+        raise ApiError(
+            422, "/v1/continue returns one wav: use num_samples=1, or /v1/continue/stream"
+        )
+    return frames
+
+
+def build_job(batcher: ContinuationBatcher, wave: torch.Tensor, frames: int, stream: bool, params):
+    """The :class:`Job` of a checked request; 422 when prompt and continuation exceed the
+    model's context or the sampling settings are invalid."""
+    q, context = batcher.vocab.num_quantizers, batcher.max_seq_len
+    prompt_frames = num_frames(wave.shape[-1], batcher.codec.sample_rate)
+    tokens = 2 + prompt_frames * q + frames * q
+    if tokens > context:
+        room = (context - 2) // q - prompt_frames
+        raise ApiError(
+            422,
+            f"prompt ({prompt_frames} frames) + continuation ({frames} frames) need {tokens} "
+            f"tokens; the model's context is {context}: ask for at most "
+            f"{max(room, 0) / MIMI_FRAME_RATE:.2f} s or send a shorter prompt",
+        )
+    try:
+        semantic = SamplingParams(params["semantic_temperature"], params["top_k"])
+        acoustic = SamplingParams(params["acoustic_temperature"], params["top_k"])
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
+    seed = params["seed"]
+    return Job(
+        wave=wave,
+        frames=frames,
+        seeds=[seed + k for k in range(params["num_samples"])],
+        semantic=semantic,
+        acoustic=acoustic,
+        stream=stream,
+        loop=asyncio.get_running_loop(),
+    )
+
+
+async def next_event(job: Job):
+    """The job's next event; an ``error`` event raises its ApiError."""
+    event = await job.events.get()
+    if event[0] == "error":
+        raise ApiError(event[1], event[2])
+    return event
+
+
+def wav_answer(job: Job, start: dict, done: dict, sample_rate: int, format: str) -> Response:
+    """The /v1/continue answer: the sample as a wav, its frame counts in headers."""
+    headers = {
+        "X-Prompt-Frames": str(start["prompt_frames"]),
+        "X-Frames": str(done["frames"][0]),
+        "X-Ended": str(done["ended"][0]).lower(),
+        "X-Seed": str(job.seeds[0]),
+    }
+    body = wav_bytes(done["waves"][0], sample_rate, "FLOAT" if format == "float" else "PCM_16")
+    return Response(body, media_type="audio/wav", headers=headers)
+
+
+async def stream_lines(job: Job, start: dict, codec: MimiCodec):
+    """The /v1/continue/stream answer: NDJSON "start", "audio" per frame and sample, "done"."""
+    yield _line(
+        type="start",
+        sample_rate=codec.sample_rate,
+        frame_size=codec.frame_size,
+        frames=job.frames,
+        seeds=job.seeds,
+        **start,
+    )
+    while True:
+        event = await job.events.get()
+        if event[0] == "audio":
+            _, k, index, wave = event
+            f32 = base64.b64encode(wave.tobytes()).decode()
+            yield _line(type="audio", sample=k, frame=index, f32=f32)
+        elif event[0] == "done":
+            yield _line(type="done", **event[1])
+            return
+        else:
+            yield _line(type="error", error=event[2])
+            return
+
+
+def health(batcher: ContinuationBatcher, api_key: Optional[str]) -> dict:
+    """What /health answers: the model, the limits, the queue and the requests served."""
+    return {
+        "status": "ok",
+        "model": batcher.name,
+        "random_weights": batcher.random_weights,
+        "num_quantizers": batcher.vocab.num_quantizers,
+        "sample_rate": batcher.codec.sample_rate,
+        "frame_rate": MIMI_FRAME_RATE,
+        "max_seq_len": batcher.max_seq_len,
+        "api_key_required": bool(api_key),
+        "limits": {k: getattr(batcher.limits, k) for k in ServeLimits.__dataclass_fields__},
+        "queue": {"waiting": batcher.pending, "generating": batcher.active},
+        "served": batcher.served,
+        "batches": batcher.batches,
+    }
+
+
+async def api_error(request: Request, e: ApiError) -> JSONResponse:
+    return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
+
+async def bad_parameter(request: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0]
+    where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "request"
+    return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
+
+
 def create_app(
     batcher: ContinuationBatcher,
     api_key: Optional[str] = None,
@@ -401,115 +600,8 @@ def create_app(
 
     app = FastAPI(title="Llama-Mimi", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.upload_dir = uploads
-
-    @app.exception_handler(ApiError)
-    async def api_error(request, e: ApiError):
-        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_parameter(request, e: RequestValidationError):
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "request"
-        return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
-
-    def check_key(request: Request) -> None:
-        if not api_key:
-            return
-        given = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization") or ""
-        if auth.lower().startswith("bearer "):
-            given = given or auth[7:].strip()
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key (send X-API-Key: <key>)")
-
-    async def read_upload(request: Request) -> torch.Tensor:
-        """The request body as a checked 24 kHz mono waveform, via a temporary file."""
-        max_bytes = int(limits.max_upload_mb * 2**20)
-        too_big = ApiError(
-            413, f"the upload is larger than max_upload_mb={limits.max_upload_mb:g} MB"
-        )
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            raise too_big
-        fd, path = tempfile.mkstemp(dir=uploads, suffix=".upload")
-        try:
-            size = 0
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise too_big
-                    f.write(chunk)
-            if size == 0:
-                raise ApiError(400, "empty upload: send the prompt audio file as the request body")
-            try:
-                wave = await run_in_threadpool(load_audio, path, codec.sample_rate)
-            except TypeError as e:
-                raise ApiError(422, f"the uploaded audio: {e}") from None
-            except ValueError as e:
-                message = str(e).replace(path, "the uploaded audio")
-                status = 415 if "cannot read audio" in message else 422
-                if status == 415:
-                    message = (
-                        "the upload is not an audio file this server can read (wav, flac, ogg, mp3)"
-                    )
-                raise ApiError(status, message) from None
-        finally:
-            os.unlink(path)
-        seconds = wave.shape[-1] / codec.sample_rate
-        if seconds > limits.max_prompt_seconds:
-            raise ApiError(
-                422,
-                f"the prompt is {seconds:.2f} s long; this server takes at most "
-                f"max_prompt_seconds={limits.max_prompt_seconds:g} s",
-            )
-        return wave
-
-    async def make_job(request: Request, stream: bool, params: dict) -> Job:
-        check_key(request)
-        seconds, num_samples = params["seconds"], params["num_samples"]
-        if seconds > limits.max_seconds:
-            raise ApiError(
-                422, f"seconds={seconds:g} is more than max_seconds={limits.max_seconds:g}"
-            )
-        frames = round(seconds * MIMI_FRAME_RATE)
-        if frames < 1:
-            raise ApiError(422, f"seconds={seconds:g} is shorter than one frame (0.08 s)")
-        if num_samples > limits.max_samples:
-            raise ApiError(
-                422, f"num_samples={num_samples} is more than max_samples={limits.max_samples}"
-            )
-        if not stream and num_samples != 1:
-            raise ApiError(
-                422, "/v1/continue returns one wav: use num_samples=1, or /v1/continue/stream"
-            )
-        try:
-            semantic = SamplingParams(params["semantic_temperature"], params["top_k"])
-            acoustic = SamplingParams(params["acoustic_temperature"], params["top_k"])
-        except ValueError as e:
-            raise ApiError(422, str(e)) from None
-        wave = await read_upload(request)
-        q = batcher.vocab.num_quantizers
-        prompt_frames = num_frames(wave.shape[-1], codec.sample_rate)
-        tokens = 2 + prompt_frames * q + frames * q
-        if tokens > batcher.max_seq_len:
-            room = (batcher.max_seq_len - 2) // q - prompt_frames
-            raise ApiError(
-                422,
-                f"prompt ({prompt_frames} frames) + continuation ({frames} frames) need "
-                f"{tokens} tokens; the model's context is {batcher.max_seq_len}: ask for at "
-                f"most {max(room, 0) / MIMI_FRAME_RATE:.2f} s or send a shorter prompt",
-            )
-        seed = params["seed"]
-        return Job(
-            wave=wave,
-            frames=frames,
-            seeds=[seed + k for k in range(num_samples)],
-            semantic=semantic,
-            acoustic=acoustic,
-            stream=stream,
-            loop=asyncio.get_running_loop(),
-        )
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, bad_parameter)
 
     def query_params(
         seconds: float = Query(min(4.0, limits.max_seconds), gt=0, allow_inf_nan=False),
@@ -521,32 +613,23 @@ def create_app(
     ) -> dict:
         return dict(locals())
 
-    async def first_event(job: Job):
-        event = await job.events.get()
-        if event[0] == "error":
-            raise ApiError(event[1], event[2])
-        return event
+    async def submit(request: Request, stream: bool, params: dict, known=QUERY_PARAMETERS):
+        """Checks a request, reads its upload, queues its job: ``(job, start event info)``."""
+        check_api_key(request, api_key)
+        check_query(request, known)
+        frames = check_request(limits, stream, params)
+        wave = await read_upload(request, limits, uploads, codec.sample_rate)
+        job = build_job(batcher, wave, frames, stream, params)
+        batcher.submit(job)
+        return job, (await next_event(job))[1]
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return HTMLResponse(page_html())
 
     @app.get("/health")
-    async def health():
-        return {
-            "status": "ok",
-            "model": batcher.name,
-            "random_weights": batcher.random_weights,
-            "num_quantizers": batcher.vocab.num_quantizers,
-            "sample_rate": codec.sample_rate,
-            "frame_rate": MIMI_FRAME_RATE,
-            "max_seq_len": batcher.max_seq_len,
-            "api_key_required": bool(api_key),
-            "limits": {k: getattr(limits, k) for k in ServeLimits.__dataclass_fields__},
-            "queue": {"waiting": batcher.pending, "generating": batcher.active},
-            "served": batcher.served,
-            "batches": batcher.batches,
-        }
+    async def health_route():
+        return health(batcher, api_key)
 
     @app.post("/v1/continue")
     async def continue_prompt(
@@ -554,52 +637,16 @@ def create_app(
         params: Annotated[dict, Depends(query_params)],
         format: Annotated[str, Query(pattern="^(pcm16|float)$")] = "pcm16",
     ):
-        job = await make_job(request, False, params)
-        batcher.submit(job)
-        start = await first_event(job)
-        done = await first_event(job)
-        result = done[1]
-        headers = {
-            "X-Prompt-Frames": str(start[1]["prompt_frames"]),
-            "X-Frames": str(result["frames"][0]),
-            "X-Ended": str(result["ended"][0]).lower(),
-            "X-Seed": str(job.seeds[0]),
-        }
-        subtype = "FLOAT" if format == "float" else "PCM_16"
-        body = wav_bytes(result["waves"][0], codec.sample_rate, subtype)
-        return Response(body, media_type="audio/wav", headers=headers)
+        job, start = await submit(request, False, params, QUERY_PARAMETERS + ("format",))
+        done = (await next_event(job))[1]
+        return wav_answer(job, start, done, codec.sample_rate, format)
 
     @app.post("/v1/continue/stream")
     async def continue_prompt_stream(
         request: Request, params: Annotated[dict, Depends(query_params)]
     ):
-        job = await make_job(request, True, params)
-        batcher.submit(job)
-        start = (await first_event(job))[1]
-
-        async def lines():
-            yield _line(
-                type="start",
-                sample_rate=codec.sample_rate,
-                frame_size=codec.frame_size,
-                frames=job.frames,
-                seeds=job.seeds,
-                **start,
-            )
-            while True:
-                event = await job.events.get()
-                if event[0] == "audio":
-                    _, k, index, wave = event
-                    f32 = base64.b64encode(wave.tobytes()).decode()
-                    yield _line(type="audio", sample=k, frame=index, f32=f32)
-                elif event[0] == "done":
-                    yield _line(type="done", **event[1])
-                    return
-                else:
-                    yield _line(type="error", error=event[2])
-                    return
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        job, start = await submit(request, True, params)
+        return StreamingResponse(stream_lines(job, start, codec), media_type="application/x-ndjson")
 
     return app
 

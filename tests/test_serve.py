@@ -389,3 +389,100 @@ def test_page_in_headless_chromium(parts, tmp_path):
     assert page["samples"] == [20, 20] and page["chunks"] == 40  # 1.6 s = 20 frames x 2
     assert page["playedUntil"] > 1.6 and page["underruns"] == 0  # played, without a gap
     assert len(downloads) == 2
+
+
+# ---- hostile input ------------------------------------------------------------------------------
+def flac_silence(seconds: float, sample_rate: int = 8000, claim_frames=None) -> bytes:
+    """A FLAC of silence (a few kB per hour); ``claim_frames`` rewrites the frame count of its
+    header (0: the header gives no length)."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", sample_rate, 1, subtype="PCM_16", format="FLAC") as f:
+        block, left = np.zeros(sample_rate * 600, np.int16), int(seconds * sample_rate)
+        while left > 0:
+            f.write(block[: min(left, len(block))])
+            left -= len(block)
+    data = bytearray(buf.getvalue())
+    if claim_frames is not None:  # STREAMINFO: 36 bits of total samples from byte 8 + 13
+        data[21] = (data[21] & 0xF0) | (claim_frames >> 32)
+        data[22:26] = (claim_frames & 0xFFFFFFFF).to_bytes(4, "big")
+    return bytes(data)
+
+
+def test_audio_bombs_lying_headers_unknown_parameters_and_slow_uploads(parts, monkeypatch):
+    from llama_mimi_tt import serve
+
+    opened = []
+    real_open = serve.open_audio
+    monkeypatch.setattr(
+        serve, "open_audio", lambda *a, **k: opened.append(k["max_samples"]) or real_open(*a, **k)
+    )
+    with running(parts, max_prompt_seconds=2, upload_timeout_s=0.5) as (url, app):
+        # one hour of silence in 85 kB: refused from its header, nothing decoded
+        r = post(f"{url}/v1/continue", flac_silence(3600), seconds=0.16)
+        assert r.status_code == 422 and "the prompt is 3600.00 s long" in r.json()["error"]
+        assert "max_prompt_seconds=2" in r.json()["error"] and opened == []
+        # a header without a length: decoding stops after max_prompt_seconds
+        r = post(f"{url}/v1/continue", flac_silence(60, claim_frames=0), seconds=0.16)
+        assert r.status_code == 422 and "runs past its header's length" in r.json()["error"]
+        assert opened == [2 * 24000 + 1]
+        # a header that claims 1 s of a 60 s file: libsndfile decodes the 1 s it claims
+        r = post(f"{url}/v1/continue", flac_silence(60, claim_frames=8000), seconds=0.16)
+        assert r.status_code == 200 and r.headers["x-prompt-frames"] == "13"  # 1 s
+
+        r = post(f"{url}/v1/continue", wav(0.5), seconds=1, temprature=0.2)
+        error = r.json()["error"]
+        assert r.status_code == 422 and "unknown query parameter 'temprature'" in error
+        assert "semantic_temperature or acoustic_temperature" in error
+        r = post(f"{url}/v1/continue/stream", wav(0.5), seconds=1, format="float")
+        assert r.status_code == 422 and "'format'" in r.json()["error"]  # /v1/continue's only
+
+        # a body that stops arriving: 408 after upload_timeout_s, its temporary file deleted
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            s.sendall(
+                b"POST /v1/continue?seconds=0.16 HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 100000\r\n\r\n" + wav(0.5)[:1000]
+            )
+            answer = s.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 408") and "upload_timeout_s=0.5" in answer
+        assert os.listdir(app.state.upload_dir) == []
+        assert httpx.get(f"{url}/health").json()["served"] == 1
+
+
+def test_finished_requests_are_freed_without_the_cycle_collector(parts, monkeypatch):
+    """A finished job (streamed, whole, or failed in generation) and its prompt are freed by
+    reference counting alone: nothing of a request waits for a full garbage collection."""
+    import gc
+    import weakref
+
+    from llama_mimi_tt import serve
+
+    jobs, real_submit = [], ContinuationBatcher.submit
+
+    def submit(self, job):
+        jobs.append((weakref.ref(job), weakref.ref(job.wave)))
+        real_submit(self, job)
+
+    monkeypatch.setattr(ContinuationBatcher, "submit", submit)
+    with running(parts, max_prompt_seconds=2) as (url, _):
+        gc.collect()
+        gc.disable()
+        try:
+            assert post(f"{url}/v1/continue", wav(0.5), seconds=0.16).status_code == 200
+            with httpx.stream(
+                "POST", f"{url}/v1/continue/stream", content=wav(0.5),
+                params=dict(seconds=0.16, num_samples=2), timeout=120,
+            ) as r:  # fmt: skip
+                assert len(list(r.iter_lines())) == 2 + 2 * 2
+            assert post(f"{url}/v1/continue", wav(3.0), seconds=0.16).status_code == 422
+            real_generate = serve.generate
+            monkeypatch.setattr(serve, "generate", lambda *a, **k: 1 / 0)
+            r = post(f"{url}/v1/continue", wav(0.5), seconds=0.16)
+            assert r.status_code == 500 and "ZeroDivisionError" in r.json()["error"]
+            monkeypatch.setattr(serve, "generate", real_generate)  # the next batch: the
+            assert post(f"{url}/v1/continue", wav(0.5), seconds=0.16).status_code == 200
+            # worker has let go of the 500's batch
+            alive = [(job() is not None, wave() is not None) for job, wave in jobs]
+        finally:
+            gc.enable()
+    assert len(alive) == 4 and alive[:3] == [(False, False)] * 3
