@@ -9,11 +9,17 @@ a LoRA run also the adapter: ``adapter_model.pt`` (torchtune keys: LoRA and the 
 rows) and PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (LoRA only).
 
 Keys are converted with torchtune's public ``convert_weights`` (``hf_to_tune`` / ``tune_to_hf``).
+
+The checkpointer also takes every argument and call torchtune's own recipes give a checkpointer
+(``full_finetune_*``, ``lora_finetune_*``: ``should_load_recipe_state``, ``recipe_checkpoint``,
+``adapter_checkpoint``, ``save_checkpoint(..., intermediate_checkpoint, adapter_only)``), with
+torchtune's ``FullModelHFCheckpointer`` layout: ``output_dir/epoch_N/`` and
+``output_dir/recipe_state/recipe_state.pt``.
 """
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -21,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torchtune import training
 from torchtune.models import convert_weights
 from torchtune.modules import TiedLinear
+from torchtune.training.checkpointing import FormattedCheckpointFiles, get_largest_iter_folder
 from torchtune.utils import get_logger
 
 from llama_mimi_tt.errors import MissingFileError, UserError
@@ -42,6 +49,9 @@ VOCAB_KEYS = ("tok_embeddings.weight", "output.weight")
 INDEX_FNAME = "model.safetensors.index.json"
 ADAPTER_FNAME = "adapter_model"  # .pt (torchtune keys + audio rows), .safetensors (PEFT)
 MAX_SHARD_BYTES = 5 * 2**30
+# torchtune's FullModelHFCheckpointer layout, which its recipes resume from
+RECIPE_STATE_FILE = Path("recipe_state") / "recipe_state.pt"
+EPOCH_DIR = r"^epoch_(\d+)"
 
 
 @torch.no_grad()
@@ -100,12 +110,31 @@ class LlamaMimiCheckpointer:
 
     Saving (``save_hf``) writes one complete Hugging Face folder (see the module docstring).
 
+    In torchtune's own recipes (``save_checkpoint`` / ``load_checkpoint`` with their arguments):
+    ``save_checkpoint`` writes ``output_dir/epoch_N`` by ``save_hf``, and for a LoRA model with
+    ``train_audio_rows=True`` puts the trained audio rows into the adapter (torchtune's adapter
+    dict holds LoRA only; the rows are taken from the merged model); an intermediate checkpoint
+    also writes the recipe state. With ``should_load_recipe_state`` (the recipe's
+    ``resume_from_checkpoint: True``), ``load_checkpoint`` returns the recipe state too, the
+    adapter of the newest ``epoch_N`` (LoRA: the model from ``checkpoint_dir``) or, without an
+    adapter, the model of the newest ``epoch_N``, as torchtune's ``FullModelHFCheckpointer``.
+
     Args:
         checkpoint_dir (str): the checkpoint folder (config.json, safetensors).
-        checkpoint_files (Optional[List[str]]): weight files in it; default: from the index or
-            the folder's ``model*.safetensors``.
+        checkpoint_files (Optional[Union[List[str], Dict[str, str]]]): weight files in it
+            (a list, or torchtune's ``filename_format`` / ``max_filename``); default: from the
+            index or the folder's ``model*.safetensors``.
         model_type (str): ``LLAMA3_2`` (1B, tiny) or ``LLAMA3`` (8B).
         output_dir (Optional[str]): where ``save_checkpoint`` puts ``epoch_N/``.
+        adapter_checkpoint (Optional[str]): on resume, the adapter file, relative to
+            ``output_dir``; default: ``epoch_N/adapter_model.pt`` of the newest epoch, if any.
+        recipe_checkpoint (Optional[str]): on resume, the recipe state file, relative to
+            ``output_dir``; default: ``recipe_state/recipe_state.pt``.
+        resume_from_checkpoint (bool): torchtune's deprecated name of
+            ``should_load_recipe_state``.
+        safe_serialization (bool): must be True: the weights are written as safetensors.
+        should_load_recipe_state (bool): set by torchtune's recipes from their
+            ``resume_from_checkpoint``: load the recipe state of a previous run.
         num_quantizers (int): Q, as in the model and tokenizer config.
         text_vocab_size (int): T of the base model (128256 for Llama 3.x).
         pad_vocab_to_multiple_of (int): as given to the model builder.
@@ -117,9 +146,14 @@ class LlamaMimiCheckpointer:
     def __init__(
         self,
         checkpoint_dir: str,
-        checkpoint_files: Optional[List[str]] = None,
+        checkpoint_files: Optional[Union[List[str], Dict[str, str]]] = None,
         model_type: str = "LLAMA3_2",
         output_dir: Optional[str] = None,
+        adapter_checkpoint: Optional[str] = None,
+        recipe_checkpoint: Optional[str] = None,
+        resume_from_checkpoint: bool = False,
+        safe_serialization: bool = True,
+        should_load_recipe_state: bool = False,
         num_quantizers: int = 4,
         text_vocab_size: int = LLAMA3_TEXT_VOCAB_SIZE,
         pad_vocab_to_multiple_of: int = 1,
@@ -131,9 +165,26 @@ class LlamaMimiCheckpointer:
                 f"model_type must be LLAMA3_2 (Llama-Mimi-1.3B, tiny) or LLAMA3 (Llama-Mimi-8B), "
                 f"got {model_type!r}"
             )
+        if not safe_serialization:
+            raise UserError(
+                "LlamaMimiCheckpointer writes safetensors only: remove safe_serialization=False"
+            )
+        if hasattr(checkpoint_files, "keys"):  # torchtune's filename_format + max_filename
+            checkpoint_files = FormattedCheckpointFiles.from_dict(
+                dict(checkpoint_files)
+            ).build_checkpoint_filenames()
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_files = list(checkpoint_files) if checkpoint_files else None
         self.output_dir = Path(output_dir) if output_dir else None
+        self.should_load_recipe_state = should_load_recipe_state or resume_from_checkpoint
+        self.adapter_checkpoint = adapter_checkpoint
+        self.recipe_checkpoint = recipe_checkpoint
+        if self.should_load_recipe_state and self.output_dir is None:
+            raise UserError(
+                "resume_from_checkpoint=True needs the checkpointer's output_dir (the previous "
+                "run's epoch_N and recipe_state folders)"
+            )
+        self._loaded_audio_rows: Dict[str, torch.Tensor] = {}  # to tell trained rows at save
         self.vocab = MimiVocab(text_vocab_size=text_vocab_size, num_quantizers=num_quantizers)
         self.vocab_size = self.vocab.padded_size(pad_vocab_to_multiple_of)
         self.tokenizer_path = tokenizer_path or str(self.checkpoint_dir)
@@ -259,6 +310,8 @@ class LlamaMimiCheckpointer:
                     w[: v.text_vocab_size], self.vocab_size - rows, self.audio_init_seed
                 )
                 sd[key] = torch.cat([w, new.to(w.device)])
+        t = v.text_vocab_size
+        self._loaded_audio_rows = {k: sd[k][t:].clone() for k in VOCAB_KEYS if k in sd}
         if base:
             log.info(
                 f"Base checkpoint: added {self.vocab_size - rows} audio rows (Q="
@@ -266,17 +319,54 @@ class LlamaMimiCheckpointer:
                 f"initialised from the text rows' statistics (seed {self.audio_init_seed})"
             )
 
-    def load_checkpoint(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """``{"model": state dict}`` in torchtune's keys, audio rows added or checked."""
+    def load_checkpoint(self) -> Dict[str, Any]:
+        """``{"model": state dict}`` in torchtune's keys, audio rows added or checked; with
+        ``should_load_recipe_state`` also the adapter (if any) and the recipe state of the
+        previous run in ``output_dir`` (see the class docstring)."""
+        if not self.should_load_recipe_state:
+            return {
+                training.MODEL_KEY: self._load_model(self.checkpoint_dir, self.checkpoint_files)
+            }
+        out_dir = self.output_dir
+        newest = get_largest_iter_folder(out_dir, pattern=EPOCH_DIR) if out_dir.is_dir() else None
+        if newest is None:
+            raise MissingFileError(
+                f"resume_from_checkpoint=True but {out_dir} has no epoch_N folder: run without "
+                "resume, or point output_dir at the run to continue"
+            )
+        if self.adapter_checkpoint:
+            adapter_path = out_dir / self.adapter_checkpoint
+        else:
+            adapter_path = out_dir / newest / f"{ADAPTER_FNAME}.pt"
+        recipe_path = out_dir / (self.recipe_checkpoint or RECIPE_STATE_FILE)
+        for path in ([adapter_path] if self.adapter_checkpoint else []) + [recipe_path]:
+            if not path.is_file():
+                raise MissingFileError(
+                    f"{path} is missing: resume_from_checkpoint=True continues a run that saved "
+                    "an intermediate checkpoint there"
+                )
+        out: Dict[str, Any] = {}
+        if adapter_path.is_file():  # LoRA: the base model, then the trained adapter
+            out[training.MODEL_KEY] = self._load_model(self.checkpoint_dir, self.checkpoint_files)
+            out[training.ADAPTER_KEY] = torch.load(adapter_path, weights_only=True)
+        else:  # full fine-tuning: the newest saved model
+            out[training.MODEL_KEY] = self._load_model(out_dir / newest)
+        out.update(torch.load(recipe_path, weights_only=True))
+        log.info(f"Resuming from {out_dir / newest} and {recipe_path}")
+        return out
+
+    def _load_model(
+        self, folder: Path, checkpoint_files: Optional[List[str]] = None
+    ) -> Dict[str, torch.Tensor]:
         hf: Dict[str, torch.Tensor] = {}
-        for f in weight_files(self.checkpoint_dir, self.checkpoint_files):
+        for f in weight_files(folder, checkpoint_files):
             try:
                 hf.update(load_file(f))
             except (SafetensorError, OSError) as e:
                 raise UserError(f"{f}: cannot read this safetensors file ({e})") from None
         if "model.embed_tokens.weight" not in hf:
             raise UserError(
-                f"{self.checkpoint_dir}: the weight files have no model.embed_tokens.weight: "
+                f"{folder}: the weight files have no model.embed_tokens.weight: "
                 "not a Llama checkpoint, or a shard is missing from checkpoint_files"
             )
         c = self.config
@@ -288,7 +378,7 @@ class LlamaMimiCheckpointer:
             head_dim=c.get("head_dim"),
         )
         self._extend(sd)
-        return {training.MODEL_KEY: sd}
+        return sd
 
     # ---- out ----------------------------------------------------------------------------
     def save_hf(
@@ -309,22 +399,33 @@ class LlamaMimiCheckpointer:
                 f"the model to save has {rows} vocabulary rows, the checkpointer expects "
                 f"{self.vocab_size} (num_quantizers={self.vocab.num_quantizers})"
             )
+        hf = convert_weights.tune_to_hf(model_state_dict, **self._shape())
+        self._save_shards(out, {k: v.contiguous() for k, v in hf.items()})
+        self._save_adapter(out, adapter_state_dict, adapter_config)
+        self.write_hf_files(out)
+
+    def _shape(self) -> Dict[str, Any]:
         c = self.config
-        shape = dict(
+        return dict(
             num_heads=c["num_attention_heads"],
             num_kv_heads=c["num_key_value_heads"],
             dim=c["hidden_size"],
             head_dim=c.get("head_dim"),
         )
-        hf = convert_weights.tune_to_hf(model_state_dict, **shape)
-        self._save_shards(out, {k: v.contiguous() for k, v in hf.items()})
+
+    def _save_adapter(
+        self,
+        out: Path,
+        adapter_state_dict: Optional[Dict[str, torch.Tensor]],
+        adapter_config: Optional[Dict],
+    ) -> None:
         if adapter_state_dict:
             # the adapter checkpoint is the one home of the trained audio rows; PEFT's
             # safetensors take the LoRA weights only (PEFT has no key for the audio rows)
             torch.save(adapter_state_dict, out / f"{ADAPTER_FNAME}.pt")
             lora = {k: v for k, v in adapter_state_dict.items() if not k.endswith(AUDIO_WEIGHT)}
             if lora:
-                peft = convert_weights.tune_to_peft_adapter_weights(lora, **shape)
+                peft = convert_weights.tune_to_peft_adapter_weights(lora, **self._shape())
                 save_file(
                     {k: v.contiguous() for k, v in peft.items()},
                     out / f"{ADAPTER_FNAME}.safetensors",
@@ -335,7 +436,6 @@ class LlamaMimiCheckpointer:
                 adapter_config, base_model_name_or_path=str(self.checkpoint_dir)
             )
             (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
-        self.write_hf_files(out)
 
     def _save_shards(self, out: Path, hf: Dict[str, torch.Tensor]) -> None:
         shards: List[Dict[str, torch.Tensor]] = [{}]
@@ -356,17 +456,89 @@ class LlamaMimiCheckpointer:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_FNAME).write_text(json.dumps(index, indent=2) + "\n")
 
-    def save_checkpoint(self, state_dict: Dict[str, Dict], epoch: int) -> Path:
-        """``save_hf`` into ``output_dir/epoch_{epoch}`` (for scripts and notebooks)."""
+    def save_checkpoint(
+        self,
+        state_dict: Dict[str, Any],
+        epoch: int,
+        intermediate_checkpoint: bool = False,
+        adapter_only: bool = False,
+    ) -> Path:
+        """``output_dir/epoch_{epoch}`` as torchtune's recipes call it: the model by ``save_hf``
+        (not with ``adapter_only``), the adapter (``adapter`` key) with the trained audio rows,
+        and for an ``intermediate_checkpoint`` the rest of ``state_dict`` (optimizer, epoch,
+        seed, data loader) in ``output_dir/recipe_state/recipe_state.pt``."""
         if self.output_dir is None:
             raise UserError("save_checkpoint needs the checkpointer's output_dir")
         out = self.output_dir / f"epoch_{epoch}"
-        self.save_hf(
-            out,
-            state_dict[training.MODEL_KEY],
-            state_dict.get(training.ADAPTER_KEY),
-            state_dict.get(training.ADAPTER_CONFIG),
-        )
+        model = state_dict.get(training.MODEL_KEY)
+        adapter = state_dict.get(training.ADAPTER_KEY)
+        adapter_config = state_dict.get(training.ADAPTER_CONFIG)
+        if (
+            adapter is not None
+            and model is not None
+            and not any(k.endswith(AUDIO_WEIGHT) for k in adapter)
+        ):
+            # torchtune's recipes hand over LoRA only (get_adapter_state_dict): add the rows
+            adapter = {**adapter, **self.trained_audio_rows(model, adapter, adapter_config)}
+        if adapter_only:
+            if adapter is None:
+                raise UserError(
+                    "save_checkpoint(adapter_only=True) got no adapter weights: the model has "
+                    "no LoRA (set save_adapter_weights_only: False)"
+                )
+            log.warning(
+                "save_adapter_weights_only: the adapter holds the LoRA weights only; audio rows "
+                "trained with train_audio_rows=True are not in it (torchtune's recipe does not "
+                "hand them over): set save_adapter_weights_only: False to keep them"
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            self._save_adapter(out, adapter, adapter_config)
+            self.write_hf_files(out)
+        elif model is None:
+            raise UserError(f"save_checkpoint got no {training.MODEL_KEY!r} weights to save")
+        else:
+            self.save_hf(out, model, adapter, adapter_config)
+        if intermediate_checkpoint:
+            skip = (training.MODEL_KEY, training.ADAPTER_KEY, training.ADAPTER_CONFIG)
+            recipe_state = {k: v for k, v in state_dict.items() if k not in skip}
+            path = self.output_dir / RECIPE_STATE_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(recipe_state, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)  # never a half-written recipe state
+        log.info(f"Saved {out}" + (" and the recipe state" if intermediate_checkpoint else ""))
+        return out
+
+    def trained_audio_rows(
+        self,
+        model_state_dict: Dict[str, torch.Tensor],
+        adapter_state_dict: Dict[str, torch.Tensor],
+        adapter_config: Optional[Dict] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """The audio rows of a LoRA model built with ``train_audio_rows=True``, under their
+        adapter keys (``tok_embeddings.audio_weight``, ``output.audio_weight`` when untied), from
+        the merged state dict a torchtune recipe saves; empty when the embedding's audio rows
+        are those this checkpointer loaded (frozen: ``train_audio_rows=False``). A LoRA update
+        of the output (``apply_lora_to_output``), merged into ``output.weight``, is taken off
+        again (to float rounding): the adapter keeps the raw rows beside ``output.lora_*``."""
+        t = self.vocab.text_vocab_size
+        emb = model_state_dict["tok_embeddings.weight"]
+        loaded = self._loaded_audio_rows.get("tok_embeddings.weight")
+        if loaded is not None and torch.equal(emb[t:].cpu(), loaded):
+            return {}
+        out = {f"tok_embeddings.{AUDIO_WEIGHT}": emb[t:].detach().cpu().clone()}
+        if "output.weight" in model_state_dict:
+            rows = model_state_dict["output.weight"][t:].detach().cpu().float()
+            if "output.lora_a.weight" in adapter_state_dict:
+                if not adapter_config:
+                    raise UserError(
+                        "the adapter has LoRA on the output but no adapter config (r, "
+                        "lora_alpha) to take it off the merged audio rows"
+                    )
+                scale = adapter_config["lora_alpha"] / adapter_config["r"]
+                a = adapter_state_dict["output.lora_a.weight"].cpu().float()
+                b = adapter_state_dict["output.lora_b.weight"][t:].cpu().float()
+                rows = rows - scale * (b @ a)
+            out[f"output.{AUDIO_WEIGHT}"] = rows.to(model_state_dict["output.weight"].dtype)
         return out
 
     def write_hf_files(self, out_dir: Union[str, Path]) -> None:

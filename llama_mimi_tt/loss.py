@@ -2,9 +2,11 @@
 
 The paper's central trade-off (more Mimi levels: better acoustics, worse linguistics) shows in
 how well the model predicts level 0 (semantic, distilled from WavLM) against levels 1..Q-1
-(acoustic). ``LlamaMimiLoss`` returns torchtune's token-mean cross-entropy together with the
-summed loss and token count of each group, from the same per-token losses: no second pass and
-no host sync per step.
+(acoustic). ``LlamaMimiLoss`` is torchtune's token-mean cross-entropy (``forward`` returns that
+one tensor, as any torchtune loss, so torchtune's own recipes can use it), and
+``loss_and_level_stats`` returns it together with the summed loss and token count of each group,
+from the same per-token losses: no second pass and no host sync per step. Our recipes call the
+latter.
 """
 
 from typing import List, Tuple
@@ -17,9 +19,15 @@ from llama_mimi_tt.vocab import LLAMA3_TEXT_VOCAB_SIZE, MimiVocab
 
 
 class LlamaMimiLoss(CEWithChunkedOutputLoss):
-    """``CEWithChunkedOutputLoss`` that returns ``(loss, level_stats)``, where ``level_stats`` is
+    """``CEWithChunkedOutputLoss`` that also measures the levels: ``forward`` returns the loss
+    (a tensor, as torchtune's recipes expect), ``loss_and_level_stats`` returns
+    ``(loss, level_stats)``, where ``level_stats`` is
     ``[semantic_sum, semantic_tokens, acoustic_sum, acoustic_tokens]`` (detached; text and
     ``</audio>`` targets count in the loss only).
+
+    In torchtune's own recipes prefer ``torchtune.modules.loss.CEWithChunkedOutputLoss`` (the
+    same loss): they chunk the model's output only for a loss of exactly that class name, so
+    with this one they compute the whole logits at once.
 
     The per-chunk work (upcast, cross-entropy, level sums) is ``compute_cross_entropy``, which is
     what ``torchtune.training.compile_loss`` compiles for a chunked loss.
@@ -57,9 +65,11 @@ class LlamaMimiLoss(CEWithChunkedOutputLoss):
             ]
         )
 
-    def forward(
+    def loss_and_level_stats(
         self, logits: List[torch.Tensor] | torch.Tensor, labels: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(token-mean loss, level_stats)`` of output chunks ``[B, S / n, V]`` (or whole logits
+        ``[B, S, V]`` / ``[N, V]``) against labels ``[B, S]`` (or ``[N]``)."""
         if not isinstance(logits, list):  # a model without output chunks: one chunk
             logits = [logits.reshape(labels.shape[0], -1, logits.shape[-1])]
             labels = labels.reshape(labels.shape[0], -1)
@@ -69,3 +79,9 @@ class LlamaMimiLoss(CEWithChunkedOutputLoss):
             for chunk, target in zip(logits, labels.chunk(len(logits), dim=1))
         )
         return sums[0] / total_tokens.clamp(min=1), sums[1:].detach()
+
+    def forward(
+        self, logits: List[torch.Tensor] | torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The token-mean cross-entropy, as ``CEWithChunkedOutputLoss``."""
+        return self.loss_and_level_stats(logits, labels)[0]

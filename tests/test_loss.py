@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo import register_backend
 from torchtune import training
+from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from llama_mimi_tt import LlamaMimiLoss, MimiVocab
 
@@ -24,7 +25,7 @@ def batch(seed=0, n=2, length=40):
 def test_loss_and_level_losses_equal_a_direct_computation():
     logits, labels = batch()
     loss_fn = LlamaMimiLoss(num_quantizers=4, text_vocab_size=512, num_output_chunks=4)
-    loss, stats = loss_fn(list(logits.chunk(4, dim=1)), labels)
+    loss, stats = loss_fn.loss_and_level_stats(list(logits.chunk(4, dim=1)), labels)
     per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
     flat = labels.flatten()
     audio = (flat >= 512) & (flat < VOCAB.audio_start_id)
@@ -39,6 +40,22 @@ def test_loss_and_level_losses_equal_a_direct_computation():
     ]
     torch.testing.assert_close(stats, torch.stack(expected).float())
     assert not stats.requires_grad and loss.requires_grad is False  # plain tensors in, no grad
+
+
+def test_forward_is_torchtunes_loss_for_stock_recipes():
+    """torchtune's recipes call ``loss_fn(logits, labels)`` and multiply the result by a token
+    count: chunked (as CEWithChunkedOutputLoss) or, unchunked, flattened to [N, V] and [N]."""
+    logits, labels = batch(seed=2)
+    ours = LlamaMimiLoss(num_quantizers=4, text_vocab_size=512, num_output_chunks=4)
+    stock = CEWithChunkedOutputLoss(num_output_chunks=4)
+    chunks = list(logits.chunk(4, dim=1))
+    want = stock(chunks, labels)
+    got = ours(chunks, labels)
+    assert isinstance(got, torch.Tensor) and got.shape == ()
+    torch.testing.assert_close(got, want)
+    flat = ours(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    torch.testing.assert_close(flat, want)
+    assert 6.0 < want.item() < 12.0  # random logits: about ln(V) + 0.5 = 9.6
 
 
 def test_compile_loss_compiles_the_level_aware_cross_entropy(monkeypatch):
@@ -56,7 +73,8 @@ def test_compile_loss_compiles_the_level_aware_cross_entropy(monkeypatch):
         LlamaMimiLoss(num_quantizers=4, text_vocab_size=512, num_output_chunks=4)
     )
     chunks = list(logits.chunk(4, dim=1))
-    want, got = eager(chunks, labels), compiled(chunks, labels)
+    want = eager.loss_and_level_stats(chunks, labels)
+    got = compiled.loss_and_level_stats(chunks, labels)
     assert calls, "the compiled loss never ran through torch.compile"
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
