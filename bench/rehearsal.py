@@ -25,14 +25,16 @@ compiler on a CPU rehearsal) overridden:
   (LoRA / QLoRA wrapping), trainable parameters, optimizer; parameter counts against README's
   size table (``python -m llama_mimi_tt.models``).
 
+And ``1B_full_2_ranks``: 1B_full on 2 processes (FSDP2 over gloo), the recipe's loading of the
+base checkpoint before (bench/every_rank_loads.py: every rank reads it) and ours (rank 0 reads
+it and broadcasts), each rank's host memory after setup and at the end, from its log.
+
 Prints a table (config, what ran, time, peak RSS of its process); ``--write`` replaces the
-rehearsal section of bench/RESULTS.md.
+rehearsal sections of bench/RESULTS.md.
 """
 
 import argparse
-import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -41,8 +43,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # scripts.tiny_base
+sys.path.insert(0, str(REPO / "bench"))
+from random_checkpoints import write_base, write_random_codes  # noqa: E402
+
 TUNE = str(Path(sys.executable).parent / "tune")
-T = 128256
 COMMON = ["device=cpu", "dtype=bf16", "compile=False"]
 TRAIN = COMMON + [
     "max_seq_len=64",
@@ -56,112 +60,16 @@ TRAIN = COMMON + [
 
 
 # ---- inputs ------------------------------------------------------------------------------------
-def write_tokenizer_json(out_dir: Path) -> None:
-    """A byte-level BPE of 128000 entries (random merges) + Llama 3's 256 special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
-    from llama_mimi_tt.hf_export import bytes_to_unicode
-    from llama_mimi_tt.tokenizer import llama3_special_tokens
-
-    tokens = list(bytes_to_unicode().values())
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges, rng = [], random.Random(0)
-    while len(tokens) < T - 256:
-        pool = min(len(tokens), 4096)
-        a, b = tokens[rng.randrange(pool)], tokens[rng.randrange(pool)]
-        if a + b in vocab:
-            continue
-        vocab[a + b] = len(tokens)
-        tokens.append(a + b)
-        merges.append((a, b))
-    tok = Tokenizer(BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t in llama3_special_tokens()]
-    )
-    bos = "<|begin_of_text|>"
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
-    )
-    assert tok.get_vocab_size() == T and tok.token_to_id(bos) == 128000
-    tok.save(str(out_dir / "tokenizer.json"))
-    config = {"bos_token": bos, "eos_token": "<|end_of_text|>", "model_max_length": 131072}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
-
-
-def write_base(out_dir: Path, size: str, num_shards: int = 3, weights: bool = True) -> None:
-    """A random Llama 3 base of ``size``'s shape in HF format (bf16 shards + index)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from llama_mimi_tt.models import SHAPES
-    from scripts.tiny_base import hf_llama_config
-
-    s = SHAPES[size]
-    tie = size == "1b"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = hf_llama_config(s, T, tie=tie)
-    config.update(bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    write_tokenizer_json(out_dir)
-    if not weights:
-        return
-    d, kv = s["embed_dim"], s["num_kv_heads"] * s["embed_dim"] // s["num_heads"]
-    shapes = {"model.embed_tokens.weight": (T, d), "model.norm.weight": (d,)}
-    for i in range(s["num_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "self_attn.q_proj.weight": (d, d),
-                p + "self_attn.k_proj.weight": (kv, d),
-                p + "self_attn.v_proj.weight": (kv, d),
-                p + "self_attn.o_proj.weight": (d, d),
-                p + "mlp.gate_proj.weight": (s["intermediate_dim"], d),
-                p + "mlp.up_proj.weight": (s["intermediate_dim"], d),
-                p + "mlp.down_proj.weight": (d, s["intermediate_dim"]),
-                p + "input_layernorm.weight": (d,),
-                p + "post_attention_layernorm.weight": (d,),
-            }
-        )
-    if not tie:
-        shapes["lm_head.weight"] = (T, d)
-    gen = torch.Generator().manual_seed(0)
-    keys, weight_map, total = list(shapes), {}, 0
-    per = -(-len(keys) // num_shards)
-    for n in range(num_shards):
-        name = f"model-{n + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {}
-        for k in keys[n * per : (n + 1) * per]:
-            shape = shapes[k]
-            t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
-            part[k] = t.to(torch.bfloat16)
-            total += part[k].numel() * 2
-        save_file(part, out_dir / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-        del part
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def write_inputs(w: Path) -> None:
     import numpy as np
     import soundfile as sf
-
-    from llama_mimi_tt.code_cache import write_code_cache
 
     if not (w / "Llama-3.2-1B" / "model.safetensors.index.json").is_file():
         write_base(w / "Llama-3.2-1B", "1b")
     if not (w / "Llama-3.1-8B" / "tokenizer.json").is_file():
         write_base(w / "Llama-3.1-8B", "8b", weights=False)
     if not (w / "codes").is_dir():
-        g = np.random.default_rng(0)
-        utts = [
-            {"id": f"utt{i:04d}", "codes": g.integers(0, 2048, (8, 40)).astype(np.uint16)}
-            for i in range(400)
-        ]
-        write_code_cache(w / "codes", utts, num_quantizers=8, shard_size=200)
+        write_random_codes(w / "codes", 400, num_quantizers=8)
     g = np.random.default_rng(1)
     (w / "clips").mkdir(exist_ok=True)
     salmon = w / "salmon" / "speaker_consistency"
@@ -300,6 +208,82 @@ def meta_8b(name: str, w: Path) -> None:
     print("RESULT: " + "; ".join(done))
 
 
+# ---- host memory per rank of loading the base under FSDP2 ---------------------------------------
+FSDP_NAME = "1B_full_2_ranks"
+MEMORY_LINE = re.compile(r"rank (\d+): host memory (after setup|at the end): (.*)")
+
+
+def fsdp_commands(w: Path):
+    """(label, argv): 1B_full on 2 processes (FSDP2, gloo), the loading before and ours."""
+    args = ["--config", "1B_full", f"base_dir={w / 'Llama-3.2-1B'}", f"cache_dir={w / 'codes'}"]
+    args += TRAIN + ["log_peak_memory_stats=True"]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone"]
+    torchrun += ["--nproc_per_node", "2"]
+    peer = str(REPO / "bench" / "every_rank_loads.py")
+    yield (
+        "every rank reads the checkpoint (before)",
+        torchrun + [peer, *args, f"output_dir={w / 'out' / 'fsdp_peer'}"],
+    )
+    yield (
+        "rank 0 reads, broadcasts a tensor at a time (ours)",
+        [TUNE, "run", "--nproc_per_node", "2", "llama_mimi_full"]
+        + [*args, f"output_dir={w / 'out' / 'fsdp_ours'}"],
+    )
+
+
+def host_memory(log: str):
+    """{(rank, when): {field: GiB}} from the recipe's ``host memory`` lines."""
+    found = {}
+    for rank, when, fields in MEMORY_LINE.findall(log):
+        found[int(rank), when] = {
+            k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+) GiB", fields)
+        }
+    return found
+
+
+def fsdp_memory(w: Path):
+    """Runs both loadings; returns the markdown table and ratio lines."""
+    rows, measured = [], {}
+    for label, argv in fsdp_commands(w):
+        cwd = w / "logs" / FSDP_NAME / label.split()[0]
+        cwd.mkdir(parents=True, exist_ok=True)
+        print(f"== {FSDP_NAME}: {label}: {' '.join(argv[1:])}", flush=True)
+        rc, seconds, _, tail = run_one(argv, cwd)
+        memory = host_memory((cwd / "log.txt").read_text(errors="replace"))
+        status = "ok" if rc == 0 and len(memory) == 4 else f"FAILED (exit {rc}): {tail[-1:]}"
+        print(f"   {status}, {seconds:.0f} s", flush=True)
+        measured[label] = memory
+        for rank in (0, 1):
+            setup = memory.get((rank, "after setup"), {})
+            end = memory.get((rank, "at the end"), {})
+            rows.append(
+                f"| {label} | {rank} | {setup.get('rss', float('nan')):.2f} "
+                f"({setup.get('rss_anon', float('nan')):.2f} + "
+                f"{setup.get('rss_file', float('nan')):.2f}) | "
+                f"{setup.get('peak_rss', float('nan')):.2f} | "
+                f"{end.get('peak_rss', float('nan')):.2f} | {seconds:.0f} | {status} |"
+            )
+    table = [
+        "| loading | rank | RSS after setup, GiB (private + mapped files) | peak RSS by then | "
+        "peak RSS of the run (2 steps, save) | time (s) | result |",
+        "|---|---:|---|---:|---:|---:|---|",
+        *rows,
+    ]
+    peer, ours = (measured[label] for label, _ in fsdp_commands(w))
+    ratios = []
+    for rank in (0, 1):
+        for when, key, what in (
+            ("after setup", "peak_rss", "peak RSS of loading"),
+            ("at the end", "peak_rss", "peak RSS of the run"),
+        ):
+            a, b = peer.get((rank, when), {}).get(key), ours.get((rank, when), {}).get(key)
+            if a and b:
+                ratios.append(
+                    f"rank {rank}, {what}: {a:.2f} -> {b:.2f} GiB (before / ours = {a / b:.2f})"
+                )
+    return "\n".join(table), ratios
+
+
 def run_one(argv, cwd: Path):
     """Runs ``argv``; returns (exit status, seconds, peak RSS in GiB, last lines)."""
     t0 = time.perf_counter()
@@ -337,6 +321,11 @@ def main():
         for n in META_8B
     ]
     rows = []
+    if not args.only or FSDP_NAME in args.only:
+        fsdp_table, ratios = fsdp_memory(w)
+        print("\n" + fsdp_table + "\n" + "\n".join(ratios) + "\n", flush=True)
+        if args.write:
+            write_fsdp_results(fsdp_table, ratios)
     for name, what, argv, is_tune in runs:
         if args.only and name not in args.only:
             continue
@@ -359,20 +348,44 @@ def main():
     ]
     table += [f"| {n} | {what} | {st} | {s:.0f} | {r:.1f} |" for n, what, st, s, r in rows]
     print("\n" + "\n".join(table))
-    if args.write:
+    if args.write and rows:
         write_results("\n".join(table))
     return 0 if all(r[2] == "ok" for r in rows) else 1
 
 
+def write_fsdp_results(table: str, ratios) -> None:
+    head = (
+        f"## Host memory per rank, 1B_full on 2 processes (bench/rehearsal.py --only {FSDP_NAME})"
+    )
+    body = (
+        f"{head}\n\nCPU (2 cores, 24 GB), FSDP2 over gloo, `tune run --nproc_per_node 2 "
+        "llama_mimi_full --config 1B_full` with the rehearsal's overrides (bf16, seq 64, batch 1 "
+        "a rank, 2 steps, one validation batch, the end-of-epoch save with the Hugging Face "
+        "weights), from the random Llama-3.2-1B-shaped base (2.5 GB of bf16 safetensors). Each "
+        "rank logs `/proc/self/status` (`log_peak_memory_stats=True`): the peer is "
+        "bench/every_rank_loads.py, the recipe's loading before (every rank reads the whole "
+        "checkpoint, torchtune's `load_from_full_model_state_dict` shards it); ours: rank 0 "
+        "reads it, torch's `set_model_state_dict(..., broadcast_from_rank0=True)` sends a tensor "
+        "at a time. Same run, one after the other. `.venv/bin/python bench/rehearsal.py --only "
+        f"{FSDP_NAME} --write`.\n\n" + table + "\n\n" + "\n".join(f"- {r}" for r in ratios) + "\n"
+    )
+    replace_section(head, body)
+
+
 def write_results(table: str) -> None:
-    path = REPO / "bench" / "RESULTS.md"
     head = "## Rehearsal of the shipped configs (bench/rehearsal.py)"
-    text = path.read_text() if path.is_file() else ""
     body = (
         f"{head}\n\nCPU (2 cores, 24 GB), bf16, seq 64, batch 1; 1B from a random "
         "Llama-3.2-1B-shaped base (3 shards + index, tokenizer.json with T = 128256); 8B on the "
         "meta device. `.venv/bin/python bench/rehearsal.py`.\n\n" + table + "\n"
     )
+    replace_section(head, body)
+
+
+def replace_section(head: str, body: str) -> None:
+    """Puts ``body`` in place of bench/RESULTS.md's section ``head`` (or at the end)."""
+    path = REPO / "bench" / "RESULTS.md"
+    text = path.read_text() if path.is_file() else ""
     if head in text:
         start = text.index(head)
         nxt = text.find("\n## ", start + len(head))
