@@ -389,7 +389,7 @@ class WhisperASR:
             import whisper
         except ImportError as e:
             raise ImportError(
-                "asr.kind=whisper needs openai-whisper: `pip install openai-whisper` (or use "
+                "asr.kind=whisper needs openai-whisper: `pip install 'llama-mimi-tt[eval]'` (or use "
                 "asr.kind=transformers with a local Whisper model directory)"
             ) from e
         path = Path(os.path.expanduser(model))
@@ -424,7 +424,9 @@ class TransformersASR:
         try:
             from transformers import pipeline
         except ImportError as e:
-            raise ImportError("asr.kind=transformers needs `pip install transformers`") from e
+            raise ImportError(
+                "asr.kind=transformers needs transformers: `pip install 'llama-mimi-tt[eval]'`"
+            ) from e
         path = Path(os.path.expanduser(model))
         if not path.is_dir():
             raise MissingFileError(
@@ -470,7 +472,9 @@ class SpeakerEmbedder:
         try:
             from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
         except ImportError as e:
-            raise ImportError("speaker similarity needs `pip install transformers`") from e
+            raise ImportError(
+                "speaker similarity needs transformers: `pip install 'llama-mimi-tt[eval]'`"
+            ) from e
         path = Path(os.path.expanduser(model))
         if not path.is_dir():
             raise MissingFileError(

@@ -88,7 +88,12 @@ def _suite_rows(results: dict) -> dict:
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    except ImportError as e:
+        raise UserError(
+            "the report's plots need matplotlib: pip install 'llama-mimi-tt[eval]'"
+        ) from e
 
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 

@@ -4,5 +4,5 @@
 # Real weights: bash scripts/demo.sh --mimi MIMI.safetensors [--llama-mimi DIR | --llama DIR]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 exec .venv/bin/python scripts/demo.py "$@"
