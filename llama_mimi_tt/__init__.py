@@ -58,10 +58,10 @@ _OWNERS = {
     "summarize": "evaluation",
     "format_table": "evaluation",
     "ChatJudge": "judge",
-    "SpeakerEmbedder": "judge",
-    "build_asr": "judge",
     "evaluate_generations": "judge",
-    "mean_ci": "judge",
+    "build_asr": "asr",
+    "SpeakerEmbedder": "speaker_similarity",
+    "mean_ci": "statistics",
 }
 
 __all__ = list(_OWNERS)

@@ -1,19 +1,19 @@
-"""Generation quality: LLM-as-a-judge on transcripts, and speaker similarity.
+"""The LLM judge of generated speech: a chat model scores each continuation's content from the
+transcripts of the prompt and the continuation.
 
-For each (prompt, continuation) pair both are transcribed (``build_asr``: whisper or a
-transformers ASR pipeline, local files), a judge behind any OpenAI-compatible chat endpoint
-(``ChatJudge``) scores the continuation's content on the 1-10 ``RUBRIC`` from the two transcripts,
-and a speaker-embedding model (``SpeakerEmbedder``) gives the cosine similarity of the two voices.
-Means come with 95% Student-t intervals (``mean_ci``). Replies are parsed leniently and transient
-HTTP errors retried; a sample that still fails counts as failed, never as a score. Nothing is
-downloaded: the only network traffic goes to the judge endpoint you configure.
+A judge behind any OpenAI-compatible chat endpoint (``ChatJudge``) scores the continuation on the
+1-10 ``RUBRIC``. Replies are parsed leniently and transient HTTP errors retried; a sample that
+still fails counts as failed, never as a score. ``evaluate_generations`` scores a set of
+continuations: transcripts (``llama_mimi_tt.asr``), the judge, speaker similarity
+(``llama_mimi_tt.speaker_similarity``), GenPPL and Auto-BLEU (``llama_mimi_tt.text_metrics``),
+each mean with its 95% Student-t interval (``llama_mimi_tt.statistics``). Nothing is downloaded:
+the only network traffic goes to the judge endpoint you configure.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import math
 import os
 import re
 import time
@@ -23,11 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
 from torchtune import utils
 from tqdm import tqdm
 
-from llama_mimi_tt.errors import MissingFileError
+from llama_mimi_tt.audio import load_audio
+from llama_mimi_tt.errors import UserError
+from llama_mimi_tt.speaker_similarity import cosine_similarity
+from llama_mimi_tt.statistics import mean_ci
+from llama_mimi_tt.text_metrics import transcript_metrics
 
 log = utils.get_logger("INFO")
 
@@ -35,17 +38,10 @@ __all__ = [
     "RUBRIC",
     "ChatJudge",
     "JudgeError",
-    "SpeakerEmbedder",
-    "TransformersASR",
-    "WhisperASR",
-    "build_asr",
-    "cosine_similarity",
     "evaluate_generations",
+    "format_generation_summary",
     "judge_messages",
-    "mean_ci",
     "parse_judge_reply",
-    "student_t_ppf",
-    "transcript_metrics",
 ]
 
 # =============================================================================================
@@ -274,237 +270,7 @@ class ChatJudge:
 
 
 # =============================================================================================
-# Confidence intervals
-# =============================================================================================
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(ln) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
-
-
-def _student_t_cdf(t: float, df: float) -> float:
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def student_t_ppf(p: float, df: float) -> float:
-    """Quantile of Student's t distribution (no SciPy needed): bisection on the exact CDF.
-    ``student_t_ppf(0.975, 10)`` = 2.2281..."""
-    if not 0.0 < p < 1.0 or df <= 0:
-        raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -student_t_ppf(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while _student_t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _student_t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
-    """Mean and its two-sided confidence interval from Student's t distribution:
-    ``mean +- t((1 + confidence) / 2, n - 1) * sd / sqrt(n)`` with the sample standard
-    deviation (``n - 1``). With fewer than two values the interval is None.
-
-    Returns:
-        ``{n, mean, std, ci_low, ci_high, confidence, method}``.
-    """
-    vals = [float(v) for v in values]
-    n = len(vals)
-    out = dict(
-        n=n,
-        mean=None,
-        std=None,
-        ci_low=None,
-        ci_high=None,
-        confidence=confidence,
-        method="student-t",
-    )
-    if n == 0:
-        return out
-    mean = sum(vals) / n
-    out["mean"] = mean
-    if n < 2:
-        return out
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = student_t_ppf((1.0 + confidence) / 2.0, n - 1) * std / math.sqrt(n)
-    out.update(std=std, ci_low=mean - half, ci_high=mean + half)
-    return out
-
-
-# =============================================================================================
-# ASR
-# =============================================================================================
-class WhisperASR:
-    """openai-whisper from a local checkpoint file (``.pt``, as whisper downloads them).
-
-    Args:
-        model: path of the checkpoint file (e.g. ``~/.cache/whisper/large-v3.pt``).
-        device: ``"cpu"`` or ``"cuda"``.
-        language: the spoken language (``"en"``), or None to detect it.
-    """
-
-    sample_rate = 16000
-
-    def __init__(self, model: str, device: str = "cpu", language: Optional[str] = "en"):
-        try:
-            import whisper
-        except ImportError as e:
-            raise ImportError(
-                "asr.kind=whisper needs openai-whisper: `pip install 'llama-mimi-tt[eval]'` (or use "
-                "asr.kind=transformers with a local Whisper model directory)"
-            ) from e
-        path = Path(os.path.expanduser(model))
-        if not path.is_file():
-            raise MissingFileError(
-                f"Whisper checkpoint {path} not found: give the path of a local .pt file (whisper "
-                "saves them under ~/.cache/whisper when it downloads one)"
-            )
-        self.model = whisper.load_model(str(path), device=device)
-        self.language = language
-        self.fp16 = device != "cpu"
-
-    def __call__(self, wave: torch.Tensor, sample_rate: int) -> str:
-        from llama_mimi_tt.audio import prepare_waveform
-
-        audio = prepare_waveform(wave, sample_rate, self.sample_rate).numpy()
-        out = self.model.transcribe(audio, language=self.language, fp16=self.fp16)
-        return out["text"].strip()
-
-
-class TransformersASR:
-    """A transformers ``automatic-speech-recognition`` pipeline from a local model directory
-    (Whisper, wav2vec 2.0, ... saved with ``save_pretrained``).
-
-    Args:
-        model: the model directory.
-        device: ``"cpu"``, ``"cuda"`` ...
-        language: for Whisper models, the spoken language (``"english"``); None otherwise.
-    """
-
-    def __init__(self, model: str, device: str = "cpu", language: Optional[str] = None):
-        try:
-            from transformers import pipeline
-        except ImportError as e:
-            raise ImportError(
-                "asr.kind=transformers needs transformers: `pip install 'llama-mimi-tt[eval]'`"
-            ) from e
-        path = Path(os.path.expanduser(model))
-        if not path.is_dir():
-            raise MissingFileError(
-                f"ASR model directory {path} not found: give a local directory saved with "
-                "save_pretrained (config.json, weights, processor files)"
-            )
-        self.pipe = pipeline("automatic-speech-recognition", model=str(path), device=device)
-        self.sample_rate = self.pipe.feature_extractor.sampling_rate
-        self.language = language
-
-    def __call__(self, wave: torch.Tensor, sample_rate: int) -> str:
-        from llama_mimi_tt.audio import prepare_waveform
-
-        audio = prepare_waveform(wave, sample_rate, self.sample_rate).numpy()
-        kwargs = {"generate_kwargs": {"language": self.language}} if self.language else {}
-        out = self.pipe({"raw": audio, "sampling_rate": self.sample_rate}, **kwargs)
-        return out["text"].strip()
-
-
-def build_asr(kind: str, model: str, device: str = "cpu", language: Optional[str] = None):
-    """The ASR component for YAML: ``kind`` is ``whisper`` (openai-whisper, ``model`` a local
-    ``.pt`` file) or ``transformers`` (a pipeline, ``model`` a local directory). Either returns a
-    callable ``asr(wave, sample_rate) -> str``."""
-    if kind == "whisper":
-        return WhisperASR(model, device=device, language=language or "en")
-    if kind == "transformers":
-        return TransformersASR(model, device=device, language=language)
-    raise ValueError(f"asr kind must be 'whisper' or 'transformers', got {kind!r}")
-
-
-# =============================================================================================
-# Speaker similarity
-# =============================================================================================
-class SpeakerEmbedder:
-    """Speaker embeddings from a transformers audio x-vector model in a local directory
-    (``WavLMForXVector``, ``Wav2Vec2ForXVector``, ... via ``AutoModelForAudioXVector``).
-
-    Any other speaker model plugs in the same way: a callable ``embed(wave, sample_rate)`` that
-    returns a 1-D tensor.
-    """
-
-    def __init__(self, model: str, device: str = "cpu"):
-        try:
-            from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
-        except ImportError as e:
-            raise ImportError(
-                "speaker similarity needs transformers: `pip install 'llama-mimi-tt[eval]'`"
-            ) from e
-        path = Path(os.path.expanduser(model))
-        if not path.is_dir():
-            raise MissingFileError(
-                f"speaker model directory {path} not found: give a local directory with an "
-                "audio x-vector model (e.g. microsoft/wavlm-base-plus-sv saved with save_pretrained)"
-            )
-        self.extractor = AutoFeatureExtractor.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModelForAudioXVector.from_pretrained(str(path), local_files_only=True)
-        self.model.eval().to(device)
-        self.device = device
-        self.sample_rate = self.extractor.sampling_rate
-
-    @torch.no_grad()
-    def __call__(self, wave: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        from llama_mimi_tt.audio import prepare_waveform
-
-        audio = prepare_waveform(wave, sample_rate, self.sample_rate).numpy()
-        inputs = self.extractor(audio, sampling_rate=self.sample_rate, return_tensors="pt")
-        out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
-        return out.embeddings[0].float().cpu()
-
-
-def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine similarity of two 1-D embeddings."""
-    a, b = torch.as_tensor(a).flatten().double(), torch.as_tensor(b).flatten().double()
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-
-
-# =============================================================================================
-# The pipeline
+# Scoring a set of continuations
 # =============================================================================================
 def evaluate_generations(
     items: Sequence[Mapping],
@@ -539,9 +305,6 @@ def evaluate_generations(
         "genppl": text_metrics.genppl(...), "auto_bleu": mean_ci(...)}`` (keys only for what
         ran; GenPPL and Auto-BLEU need transcripts, from the ASR or ``transcripts``).
     """
-    from llama_mimi_tt.audio import load_audio
-    from llama_mimi_tt.errors import UserError
-
     if judge is not None and asr is None and transcripts is None:
         raise UserError("the LLM judge needs an ASR model to transcribe the audio (set asr)")
     if text_lm is not None and asr is None and transcripts is None:
@@ -617,25 +380,6 @@ def evaluate_generations(
     with open(out_dir / "judgements.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    return summary
-
-
-def transcript_metrics(rows: List[dict], text_lm=None, auto_bleu_n: Optional[int] = 2) -> dict:
-    """GenPPL and Auto-BLEU (SlamKit's, see ``llama_mimi_tt.text_metrics``) of the rows'
-    ``continuation_text``; each row gets its ``genppl_nll`` and ``auto_bleu``."""
-    from llama_mimi_tt.text_metrics import auto_bleu, genppl
-
-    texts = [r["continuation_text"] or "" for r in rows]
-    summary = {}
-    if text_lm is not None:
-        nlls = text_lm.nll(texts)
-        for r, v in zip(rows, nlls):
-            r["genppl_nll"] = v
-        summary["genppl"] = {**genppl(nlls), "text_lm": str(getattr(text_lm, "path", text_lm))}
-    if auto_bleu_n:
-        for r, t in zip(rows, texts):
-            r["auto_bleu"] = auto_bleu(t, auto_bleu_n)
-        summary["auto_bleu"] = {**mean_ci([r["auto_bleu"] for r in rows]), "n_gram": auto_bleu_n}
     return summary
 
 

@@ -19,8 +19,9 @@ from typing import List, Optional, Sequence
 from urllib.parse import quote
 
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
+from llama_mimi_tt.statistics import wilson_interval
 
-__all__ = ["GENERATION_METRICS", "load_run", "wilson_interval", "write_report"]
+__all__ = ["GENERATION_METRICS", "load_run", "write_report"]
 
 # (key in results.json's "generation", title, which way is better, the plot's y range: the
 # metric's own range, so that a wide t interval of a few samples is cut at the axis)
@@ -32,15 +33,6 @@ GENERATION_METRICS = [
 ]
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 FILES = "report_files"
-
-
-def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple:
-    """The 95% Wilson score interval of a proportion ``p`` observed over ``n`` trials."""
-    if n <= 0:
-        return (None, None)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def load_run(run_dir: str | Path) -> dict:

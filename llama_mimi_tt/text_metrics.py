@@ -16,8 +16,16 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from llama_mimi_tt.errors import MissingFileError, UserError
+from llama_mimi_tt.statistics import mean_ci
 
-__all__ = ["TextLM", "auto_bleu", "genppl", "read_transcripts", "word_tokenize"]
+__all__ = [
+    "TextLM",
+    "auto_bleu",
+    "genppl",
+    "read_transcripts",
+    "transcript_metrics",
+    "word_tokenize",
+]
 
 EVAL_EXTRA = "pip install 'llama-mimi-tt[eval]'"
 
@@ -130,8 +138,6 @@ def genppl(nlls: Sequence[Optional[float]], confidence: float = 0.95) -> dict:
     Returns:
         ``{n, mean (the GenPPL), ci_low, ci_high, mean_nll, empty, confidence, method}``.
     """
-    from llama_mimi_tt.judge import mean_ci
-
     done = [v for v in nlls if v is not None]
     s = mean_ci(done, confidence)
     out = dict(
@@ -149,6 +155,24 @@ def genppl(nlls: Sequence[Optional[float]], confidence: float = 0.95) -> dict:
     if s["ci_low"] is not None:
         out.update(ci_low=math.exp(s["ci_low"]), ci_high=math.exp(s["ci_high"]))
     return out
+
+
+def transcript_metrics(rows: List[dict], text_lm=None, auto_bleu_n: Optional[int] = 2) -> dict:
+    """GenPPL (with ``text_lm``, a ``TextLM``) and Auto-BLEU (n = ``auto_bleu_n``, None: off) of
+    the rows' ``continuation_text``, each with its interval; each row gets its ``genppl_nll``
+    and ``auto_bleu``."""
+    texts = [r["continuation_text"] or "" for r in rows]
+    summary = {}
+    if text_lm is not None:
+        nlls = text_lm.nll(texts)
+        for r, v in zip(rows, nlls):
+            r["genppl_nll"] = v
+        summary["genppl"] = {**genppl(nlls), "text_lm": str(getattr(text_lm, "path", text_lm))}
+    if auto_bleu_n:
+        for r, t in zip(rows, texts):
+            r["auto_bleu"] = auto_bleu(t, auto_bleu_n)
+        summary["auto_bleu"] = {**mean_ci([r["auto_bleu"] for r in rows]), "n_gram": auto_bleu_n}
+    return summary
 
 
 def read_transcripts(path: str) -> dict:

@@ -42,6 +42,7 @@ for name in [
     "llama_mimi_tokenize", "llama_mimi_full", "llama_mimi_lora", "llama_mimi_generate",
     "llama_mimi_eval", "llama_mimi_pairs", "llama_mimi_dpo",
     "llama_mimi_tt.codec", "llama_mimi_tt.data", "llama_mimi_tt.training", "llama_mimi_tt.judge",
+    "llama_mimi_tt.asr", "llama_mimi_tt.speaker_similarity", "llama_mimi_tt.statistics",
     "llama_mimi_tt.report", "llama_mimi_tt.text_metrics", "llama_mimi_tt.quantize",
 ]:
     importlib.import_module(name)

@@ -1,5 +1,5 @@
-"""LLM-as-a-judge against a local server speaking the OpenAI chat API, reply parsing, the
-confidence interval, ASR / speaker plumbing and the generation-quality pipeline."""
+"""LLM-as-a-judge against a local server speaking the OpenAI chat API, reply parsing and the
+generation-quality pipeline (``evaluate_generations``)."""
 
 import json
 import socket
@@ -17,14 +17,11 @@ from llama_mimi_tt.judge import (
     RUBRIC,
     ChatJudge,
     JudgeError,
-    build_asr,
-    cosine_similarity,
     evaluate_generations,
     format_generation_summary,
-    mean_ci,
     parse_judge_reply,
-    student_t_ppf,
 )
+from llama_mimi_tt.statistics import mean_ci
 
 
 # ---- a scripted OpenAI-compatible server -------------------------------------------------------
@@ -204,59 +201,6 @@ def test_connection_refused_is_retried_then_failed():
 )
 def test_parse_judge_reply(reply, score):
     assert parse_judge_reply(reply)[0] == score
-
-
-# ---- confidence intervals --------------------------------------------------------------------
-def test_student_t_quantiles_and_mean_ci():
-    table = {1: 12.7062, 2: 4.3027, 5: 2.5706, 10: 2.2281, 30: 2.0423, 100: 1.9840}
-    for df, t in table.items():
-        assert student_t_ppf(0.975, df) == pytest.approx(t, abs=1e-4)
-    assert student_t_ppf(0.995, 10) == pytest.approx(3.1693, abs=1e-4)
-    assert student_t_ppf(0.025, 10) == pytest.approx(-2.2281, abs=1e-4)
-    assert student_t_ppf(0.975, 1e7) == pytest.approx(1.95996, abs=1e-4)  # -> the normal
-    ci = mean_ci([6, 7, 8, 9, 5, 7])
-    sd = np.std([6, 7, 8, 9, 5, 7], ddof=1)
-    half = 2.5706 * sd / np.sqrt(6)
-    assert ci["mean"] == pytest.approx(7.0) and ci["std"] == pytest.approx(sd)
-    assert (ci["ci_low"], ci["ci_high"]) == pytest.approx((7 - half, 7 + half), abs=1e-3)
-    assert ci["method"] == "student-t" and ci["n"] == 6
-    assert mean_ci([4])["ci_low"] is None and mean_ci([4])["mean"] == 4
-    assert mean_ci([])["mean"] is None
-
-
-# ---- ASR and speaker models ------------------------------------------------------------------
-def test_asr_builders_fail_clearly(tmp_path):
-    with pytest.raises((ImportError, FileNotFoundError), match="whisper|Whisper"):
-        build_asr("whisper", str(tmp_path / "large-v3.pt"))
-    with pytest.raises(FileNotFoundError, match="ASR model directory"):
-        build_asr("transformers", str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="'whisper' or 'transformers'"):
-        build_asr("kaldi", "x")
-
-
-def test_speaker_embedder_from_a_local_wavlm_xvector(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from llama_mimi_tt.judge import SpeakerEmbedder
-
-    cfg = transformers.WavLMConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2, tdnn_dim=(32, 32), tdnn_kernel=(3, 1),
-        tdnn_dilation=(1, 1), xvector_output_dim=16, num_buckets=16, max_bucket_distance=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.WavLMForXVector(cfg).save_pretrained(tmp_path / "spk")
-    transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(tmp_path / "spk")
-    embed = SpeakerEmbedder(str(tmp_path / "spk"))
-    rng = np.random.default_rng(0)
-    a = torch.from_numpy(rng.standard_normal(24000).astype(np.float32) * 0.1)
-    b = torch.from_numpy(rng.standard_normal(24000).astype(np.float32) * 0.1)
-    ea, eb = embed(a, 24000), embed(b, 24000)  # resampled to the model's 16 kHz
-    assert ea.shape == (16,)
-    assert cosine_similarity(ea, embed(a, 24000)) == pytest.approx(1.0)
-    assert -1.0 <= cosine_similarity(ea, eb) < 1.0
-    with pytest.raises(FileNotFoundError, match="speaker model directory"):
-        SpeakerEmbedder(str(tmp_path / "missing"))
 
 
 # ---- the whole generation-quality pipeline ---------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from llama_mimi_tt.errors import MissingFileError, UserError
 from llama_mimi_tt.evaluation import summarize
 from llama_mimi_tt.judge import evaluate_generations
-from llama_mimi_tt.report import wilson_interval, write_report
+from llama_mimi_tt.report import write_report
 from llama_mimi_tt.text_metrics import TextLM, auto_bleu, genppl, read_transcripts
 from tests.hf_fixtures import make_tiny_hf_llama
 
@@ -146,9 +146,6 @@ def test_report_of_one_run(tmp_path, text_lm_dir):
     for text in ["SALMon / gender", "sWUGGY", "GenPPL", "Auto-BLEU", "Speaker similarity",
                  "I like it, I like it, I like it.", "once upon a time", "Auto-BLEU 0.91"]:  # fmt: skip
         assert text in html, text
-    assert wilson_interval(0.5, 0) == (None, None)
-    lo, hi = wilson_interval(0.7, 100)  # textbook value: [0.604, 0.781]
-    assert lo == pytest.approx(0.6040, abs=1e-3) and hi == pytest.approx(0.7810, abs=1e-3)
 
 
 def test_recipe_writes_the_report_and_compares_two_runs(tmp_path, monkeypatch, text_lm_dir):
