@@ -30,6 +30,7 @@ from torchtune.modules import TiedLinear
 from torchtune.training.checkpointing import FormattedCheckpointFiles, get_largest_iter_folder
 from torchtune.utils import get_logger
 
+from llama_mimi_tt.atomic_files import replacing
 from llama_mimi_tt.errors import MissingFileError, UserError
 from llama_mimi_tt.hf_export import (
     add_audio_tokens,
@@ -503,8 +504,8 @@ class LlamaMimiCheckpointer:
             recipe_state = {k: v for k, v in state_dict.items() if k not in skip}
             path = self.output_dir / RECIPE_STATE_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(recipe_state, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)  # never a half-written recipe state
+            with replacing(path) as tmp:  # never a half-written recipe state
+                torch.save(recipe_state, tmp)
         log.info(f"Saved {out}" + (" and the recipe state" if intermediate_checkpoint else ""))
         return out
 

@@ -1,4 +1,4 @@
-"""Audio -> a Mimi code cache on disk: encoding, shards, claims and the cache's metadata.
+"""Audio -> a Mimi code cache on disk: encoding, shards and the cache's metadata.
 
 Encoding Mimi inside the training loop costs more than the language model step, so audio is
 encoded once, in length-sorted batches, into a cache that later runs read (the tokenize recipe
@@ -7,16 +7,17 @@ builds it, ``audio_token_dataset`` and the eval recipe read it). Layout of ``out
     plan.json                            settings and items (:func:`start_cache` owns its keys)
     shard-00000-of-00012.parquet         rows of ``shard_size`` source items (``SHARD_SCHEMA``;
                                          codes flat uint16, level-major [Q, num_frames])
-    shard-00000-of-00012.parquet.claim   while a process encodes that shard
     cache.json                           plan + summed shard counts, once every shard exists
     skipped.jsonl                        every skipped source item with its reason
     pack_index/<key>/                    what training reads, per settings (``pack_index``)
 
-A shard is written under a temporary name and renamed, so it is whole or absent; a rerun (with
-any number of ranks; shard k is rank ``k % world_size``'s) encodes only missing or corrupt
-shards. A claim (``<shard>.claim``: host and PID, refreshed after every batch) keeps other
-processes off a shard; it is stale, and taken over, when its PID is gone from this host or it
-was not refreshed for ``claim_timeout_s``. Temporary files follow the same rule.
+A shard is written whole under a temporary name and renamed (``llama_mimi_tt.atomic_files``),
+so it is whole or absent; a rerun (with any number of ranks; shard k is rank
+``k % world_size``'s) encodes only missing or corrupt shards, and the rank that owns a shard
+removes its leftover temporaries. There are no claim files: two writers of one shard can only
+waste work, never corrupt it, while claims on a shared filesystem need the clocks of two
+machines and PIDs across hosts to be right, and a failed write left a claim that blocked every
+rerun.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from llama_mimi_tt import atomic_files
 from llama_mimi_tt.audio import BLOCK_SECONDS
 from llama_mimi_tt.audio_sources import AudioItem, AudioSource
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
@@ -52,7 +53,6 @@ PLAN_FILE = "plan.json"
 MANIFEST_FILE = "cache.json"
 SKIPPED_FILE = "skipped.jsonl"
 SHARD_METADATA_KEY = b"llama_mimi_tt"
-CLAIM_SUFFIX = ".claim"
 PACK_INDEX_FOLDER = "pack_index"  # llama_mimi_tt.pack_index writes its indexes there
 # Training reads rows in shuffled order, a parquet row group at a time: 64 rows of 10 s at
 # Q = 8 decode in about 1 ms, a group of 1,000 in about 28 (for 13% more bytes on disk).
@@ -378,41 +378,12 @@ def rows_to_table(rows: Sequence[Dict[str, Any]], metadata: Optional[dict] = Non
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _temporary(path)
-    try:
-        with writing(path):
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def write_shard(path: Path, rows: Sequence[Dict[str, Any]], metadata: dict) -> None:
-    """Writes a shard under a temporary name, syncs it, and renames it into place: a shard file
-    that exists is complete."""
-    path = Path(path)
-    tmp = _temporary(path)
+    """Writes a shard whole (:func:`llama_mimi_tt.atomic_files.replacing`): a shard file that
+    exists is complete."""
     table = rows_to_table(rows, metadata)
-    try:
-        with writing(path):
-            pq.write_table(table, tmp, compression="zstd", row_group_size=ROWS_PER_GROUP)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_files.replacing(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROWS_PER_GROUP)
 
 
 def shard_metadata(path: Path) -> dict:
@@ -439,151 +410,44 @@ def shard_problem(path: Path, read_rows: bool = False) -> Optional[str]:
     return None
 
 
-# ---- claims (see the module docstring) ------------------------------------------------------
-def _holder_is_gone(host: str, pid: int, age_s: float, timeout_s: float) -> bool:
-    """The stale rule of claims and temporary files."""
-    if host == socket.gethostname():
-        if pid == os.getpid():
-            return True  # ours, left by an earlier call in this process
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass  # alive, another user's
-    return age_s > timeout_s
-
-
-def claim_holder(claim: Path, timeout_s: float) -> Optional[str]:
-    """``host:pid`` of the live process that holds a claim file; None if it is stale or gone.
-    A claim that cannot be read is stale: claims appear whole (:func:`claim_shard`), so one
-    that is empty or damaged was left by a failure and nobody holds it."""
-    try:
-        info = json.loads(Path(claim).read_text())
-        age = time.time() - Path(claim).stat().st_mtime
-        host, pid = str(info["host"]), int(info["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if _holder_is_gone(host, pid, age, timeout_s):
-        return None
-    return f"{host}:{pid}"
-
-
-def shard_holder(path: Path, timeout_s: float) -> Optional[str]:
-    """``host:pid`` of the live process that holds shard ``path``'s claim, else None."""
-    return claim_holder(Path(f"{path}{CLAIM_SUFFIX}"), timeout_s)
-
-
-def claim_shard(path: Path, timeout_s: float) -> Optional[str]:
-    """Claims a shard for this process. None when claimed; else ``host:pid`` of the process
-    that holds it. A stale claim is taken over (see the module docstring).
-
-    The claim is written whole under a temporary name and linked into place (``os.link``
-    fails when the claim exists), so no process ever sees a claim half written; when it cannot
-    be written (a full disk) nothing is left behind."""
-    claim = Path(f"{path}{CLAIM_SUFFIX}")
-    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
-    tmp = _temporary(claim)
-    try:
-        with writing(claim):
-            tmp.write_text(body)
-        for _ in range(3):
-            try:
-                os.link(tmp, claim)
-                return None
-            except FileExistsError:
-                holder = claim_holder(claim, timeout_s)
-                if holder is not None:
-                    return holder
-                claim.unlink(missing_ok=True)  # stale: take it over
-            except OSError:
-                with writing(claim):
-                    raise
-    finally:
-        tmp.unlink(missing_ok=True)
-    return claim_holder(claim, timeout_s) or "unknown"
-
-
-def refresh_claim(path: Path) -> None:
-    """Marks this process's claim on a shard as alive (its modification time)."""
-    try:
-        os.utime(f"{path}{CLAIM_SUFFIX}")
-    except OSError:
-        pass
-
-
-def release_claim(path: Path) -> None:
-    Path(f"{path}{CLAIM_SUFFIX}").unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(output_dir: Path, timeout_s: float) -> int:
-    """Deletes the temporary files that killed or finished runs left (``<file>.tmp-HOST-PID``),
-    keeping those of live writers (the rule of claims)."""
-    n = 0
-    for tmp in Path(output_dir).glob("*.tmp-*"):
-        host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
-        try:
-            age = time.time() - tmp.stat().st_mtime
-        except FileNotFoundError:
-            continue
-        if pid.isdigit() and _holder_is_gone(host, int(pid), age, timeout_s):
-            tmp.unlink(missing_ok=True)
-            n += 1
-    return n
-
-
 def encode_shard(
     path: Path,
     source: AudioSource,
     items: Sequence[AudioItem],
     codec,
     *,
-    claim_timeout_s: float = 3600.0,
     progress: Optional[Callable[[int, float], None]] = None,
     logger=None,
     writer: Optional[dict] = None,
     skip_short_files: bool = False,
     **encode_options: Any,
-) -> Tuple[Optional[dict], Optional[str]]:
-    """Claims shard ``path``, encodes its ``items`` (:func:`encode_items`) and writes it.
+) -> Optional[dict]:
+    """Encodes shard ``path``'s ``items`` (:func:`encode_items`) and writes it whole.
 
-    Returns ``(metadata, None)`` when this process wrote it, ``(None, "host:pid")`` when another
-    process holds its claim, and ``(None, None)`` when it was written meanwhile. ``writer``:
-    extra metadata (rank, host); the claim is refreshed at every ``progress`` step.
-    ``skip_short_files``: skip files that hold less than their header says (else they are
-    encoded and listed in the shard's ``short_files``; see :func:`encode_items`).
+    Returns its metadata, or None when the shard was already whole (written meanwhile by
+    another process). ``writer``: extra metadata (rank, host). ``skip_short_files``: skip
+    files that hold less than their header says (else they are encoded and listed in the
+    shard's ``short_files``; see :func:`encode_items`).
     """
     path = Path(path)
-    holder = claim_shard(path, claim_timeout_s)
-    if holder is not None:
-        return None, holder
-    try:
-        if shard_problem(path, read_rows=True) is None:  # written meanwhile
-            return None, None
-
-        def refresh(n: int, seconds: float) -> None:
-            refresh_claim(path)
-            if progress is not None:
-                progress(n, seconds)
-
-        normalised: List[dict] = []
-        short_files: Optional[List[dict]] = None if skip_short_files else []
-        rows, skipped = encode_items(
-            source,
-            items,
-            codec,
-            progress=refresh,
-            logger=logger,
-            normalised=normalised,
-            short_files=short_files,
-            **encode_options,
-        )
-        meta = shard_summary(len(items), rows, skipped, normalised, **(writer or {}))
-        meta["short_files"] = short_files or []
-        write_shard(path, rows, meta)
-    finally:
-        release_claim(path)
-    return meta, None
+    if shard_problem(path, read_rows=True) is None:
+        return None
+    normalised: List[dict] = []
+    short_files: Optional[List[dict]] = None if skip_short_files else []
+    rows, skipped = encode_items(
+        source,
+        items,
+        codec,
+        progress=progress,
+        logger=logger,
+        normalised=normalised,
+        short_files=short_files,
+        **encode_options,
+    )
+    meta = shard_summary(len(items), rows, skipped, normalised, **(writer or {}))
+    meta["short_files"] = short_files or []
+    write_shard(path, rows, meta)
+    return meta
 
 
 def shard_codes(path: Path) -> Iterator[Tuple[str, int, np.ndarray]]:
@@ -619,13 +483,16 @@ def codec_fingerprint(codec) -> str:
 
 
 def remove_cache(output_dir: Path) -> None:
-    """Deletes the files of a code cache (and only those, with its pack indexes) from
-    ``output_dir``, ``plan.json`` last: killed half-way, the folder still names the old plan, so no old shard is ever taken
-    for a shard of the next cache."""
+    """Deletes the files of a code cache (and only those, with its pack indexes and
+    temporaries) from ``output_dir``, ``plan.json`` last: killed half-way, the folder still
+    names the old plan, so no old shard is ever taken for a shard of the next cache. Only the
+    owner of the cache may call it."""
     output_dir = Path(output_dir)
     shards = sorted(output_dir.glob("shard-*.parquet*"))
     with writing(output_dir):
         shutil.rmtree(output_dir / PACK_INDEX_FOLDER, ignore_errors=True)
+        for name in ("shard-*", MANIFEST_FILE, SKIPPED_FILE):
+            atomic_files.remove_temporaries(output_dir / name)
         for f in shards + [output_dir / n for n in (MANIFEST_FILE, SKIPPED_FILE, PLAN_FILE)]:
             f.unlink(missing_ok=True)
 
@@ -686,7 +553,7 @@ def start_cache(
         output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / PLAN_FILE
     if not path.is_file():
-        atomic_write_json(path, plan)
+        atomic_files.write_json(path, plan)
     existing = json.loads(path.read_text())
     diffs = [
         f"{k}: {existing.get(k)!r} in the cache, {plan.get(k)!r} now"
@@ -772,10 +639,10 @@ def finalize_cache(output_dir: Path) -> Optional[dict]:
         shard_rows=[pq.read_metadata(output_dir / shard_name(k, n)).num_rows for k in range(n)],
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
-    _atomic_write_bytes(
+    atomic_files.write_bytes(
         output_dir / SKIPPED_FILE, "".join(json.dumps(s) + "\n" for s in skipped).encode()
     )
-    atomic_write_json(output_dir / MANIFEST_FILE, manifest)
+    atomic_files.write_json(output_dir / MANIFEST_FILE, manifest)
     return manifest
 
 

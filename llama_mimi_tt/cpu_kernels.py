@@ -20,12 +20,14 @@ import mmap
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torchtune.utils import get_logger
+
+from llama_mimi_tt.atomic_files import replacing
+from llama_mimi_tt.errors import UserError
 
 GROUP_SIZE = 128  # columns per int4 scale and zero, and per int8 activation scale
 SOURCE = Path(__file__).with_name("kernels") / "cpu_matmul.c"
@@ -84,7 +86,7 @@ def _library() -> Optional[ctypes.CDLL]:
         if not lib.is_file():
             _build(lib)
         so = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.CalledProcessError) as e:
+    except (OSError, UserError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         log.warning(
             f"the CPU kernels could not be built ({detail.strip()[:300]}); quantize uses "
@@ -99,11 +101,9 @@ def _library() -> Optional[ctypes.CDLL]:
 
 def _build(lib: Path) -> None:
     lib.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        built = Path(tmp) / lib.name
+    with replacing(lib) as built:  # a second process never loads a half-written file
         cmd = ["gcc", *GCC_FLAGS, "-o", str(built), str(SOURCE)]
         subprocess.run(cmd, capture_output=True, text=True, check=True)
-        os.replace(built, lib)  # atomic: a second process never loads a half-written file
 
 
 def available_on_cpu(kernel: str) -> bool:

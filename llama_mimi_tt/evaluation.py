@@ -23,8 +23,9 @@ import torch
 from torchtune import utils
 from tqdm import tqdm
 
+from llama_mimi_tt.atomic_files import remove_temporaries
 from llama_mimi_tt.benchmarks import Pair
-from llama_mimi_tt.errors import UserError, writing
+from llama_mimi_tt.errors import writing
 from llama_mimi_tt.generation import decoder_hidden
 from llama_mimi_tt.vocab import MIMI_FRAME_RATE, MimiVocab
 
@@ -357,11 +358,8 @@ def _cached_codes(cache_dir, source, codec, files_fingerprint, shard_size, pbar,
         if cc.shard_problem(path) is None:
             pbar.update(len(items))
         else:
-            _, holder = cc.encode_shard(
-                path, source, items, codec, skip_short_files=True, **options
-            )
-            if holder is not None:
-                raise UserError(f"{path}: another process ({holder}) is encoding it; wait for it")
+            remove_temporaries(path)  # left by a killed run: this one owns the cache
+            cc.encode_shard(path, source, items, codec, skip_short_files=True, **options)
         skipped += cc.shard_metadata(path)["skipped"]
         codes.update({uid: c for uid, _, c in cc.shard_codes(path)})
     cc.finalize_cache(cache_dir)

@@ -30,8 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import socket
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -43,9 +41,9 @@ import torch.distributed as dist
 from torchtune.utils import get_logger
 from tqdm import tqdm
 
+from llama_mimi_tt.atomic_files import new_folder, remove_temporaries
 from llama_mimi_tt.cache_reader import INDEX_COLUMNS, CacheRows
 from llama_mimi_tt.code_cache import MANIFEST_FILE, PACK_INDEX_FOLDER
-from llama_mimi_tt.errors import writing
 
 log = get_logger("INFO")
 
@@ -196,9 +194,7 @@ class _Sink:
     def close(self) -> Dict[str, np.ndarray]:
         if self.files:
             for f in self.files.values():
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
+                f.close()  # new_folder syncs them
             return {}
         return {
             k: np.concatenate(p) if p else np.zeros(0, self.dtypes[k])
@@ -328,29 +324,24 @@ def index_folder(cache_dir: Path, settings: IndexSettings, fallback: Optional[st
     return Path(root).expanduser() / INDEX_FOLDER / key
 
 
-def _build(folder: Path, rows: CacheRows, builder, settings: IndexSettings, name: str) -> None:
-    """Computes the index into a temporary folder beside ``folder`` and renames it into place:
-    an index folder that exists is complete. Racing builders write the same arrays; the first
-    rename wins."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with writing(folder):
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            index = compute_index(rows, builder, settings, tmp, progress=True, name=name)
-            (tmp / META_FILE).write_text(json.dumps(index.meta, indent=2) + "\n")
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if not (folder / META_FILE).is_file():
-                    raise
-            log.info(
-                f"pack index: {index.meta['rows']} utterances, {index.meta['samples']} samples, "
-                f"{index.meta['packs']} packs, computed in {index.meta['seconds']:.1f} s -> "
-                f"{folder}"
-            )
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+def _build(
+    folder: Path, rows: CacheRows, builder, settings: IndexSettings, name: str, owner: bool
+) -> None:
+    """Computes the index into a temporary folder beside ``folder`` and renames it into place
+    (``llama_mimi_tt.atomic_files.new_folder``): an index folder that exists is complete.
+    Racing builders write the same arrays; the first rename wins. The ``owner`` of the key
+    (rank 0, or a process outside a process group) first removes the temporaries that killed
+    builds left; ranks that build their own copy (see :func:`load_or_build_index`) may race
+    each other, so they leave them."""
+    if owner:
+        remove_temporaries(folder)
+    with new_folder(folder) as tmp:
+        index = compute_index(rows, builder, settings, tmp, progress=True, name=name)
+        (tmp / META_FILE).write_text(json.dumps(index.meta, indent=2) + "\n")
+    log.info(
+        f"pack index: {index.meta['rows']} utterances, {index.meta['samples']} samples, "
+        f"{index.meta['packs']} packs, computed in {index.meta['seconds']:.1f} s -> {folder}"
+    )
 
 
 def load_or_build_index(
@@ -366,9 +357,9 @@ def load_or_build_index(
     if distributed:
         group = dist.new_group(backend="gloo", timeout=BUILD_TIMEOUT)
         if dist.get_rank() == 0 and not (folder / META_FILE).is_file():
-            _build(folder, rows, builder, settings, str(cache_dir))
+            _build(folder, rows, builder, settings, str(cache_dir), owner=True)
         dist.barrier(group=group)
         dist.destroy_process_group(group)
     if not (folder / META_FILE).is_file():
-        _build(folder, rows, builder, settings, str(cache_dir))
+        _build(folder, rows, builder, settings, str(cache_dir), owner=not distributed)
     return open_index(folder)

@@ -14,7 +14,6 @@ paths (relative to the file) that ``preference_dataset`` encodes with a codec::
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -24,7 +23,8 @@ from torch.utils.data import Dataset
 from torchtune import utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE_INDEX
 
-from llama_mimi_tt.errors import MissingFileError, UserError, writing
+from llama_mimi_tt.atomic_files import replacing
+from llama_mimi_tt.errors import MissingFileError, UserError
 
 log = utils.get_logger("INFO")
 
@@ -64,12 +64,9 @@ def read_pairs(path: str) -> List[Dict[str, Any]]:
 
 def write_pairs(path: Path, pairs: Sequence[Mapping[str, Any]]) -> None:
     """Writes the pairs file whole (a temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with writing(path), open(tmp, "w", encoding="utf-8") as f:
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for pair in pairs:
             f.write(json.dumps(pair) + "\n")
-    os.replace(tmp, path)
 
 
 def select_pairs(

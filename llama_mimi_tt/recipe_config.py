@@ -9,7 +9,8 @@ them, so ``epoch=1`` (for ``epochs``) would train with the default. Before any h
 key of the merged config is checked: a key of a plain section must be one the recipe knows (those
 of its shipped configs, plus the optional ones it names); a key of a ``_component_`` section must
 be an argument of that component. A top-level key that the config interpolates (``${base_dir}``)
-is a user variable and allowed. A new key on purpose: ``+key=value`` on the command line.
+is a user variable and allowed. A new key on purpose: ``+key=value`` on the command line. A key
+that older versions read (``REMOVED_KEYS``) fails with why it went.
 """
 
 import difflib
@@ -43,6 +44,12 @@ RECIPE_CONFIGS: Dict[str, List[str]] = {
     "llama_mimi_generate": ["generate", "1B_generate"],
     "llama_mimi_eval": ["eval", "1B_eval"],
     "llama_mimi_serve": ["serve", "1B_serve"],
+}
+
+# keys of older configs that nothing reads any more: an old config fails saying why
+REMOVED_KEYS: Dict[str, str] = {
+    "claim_timeout_s": "llama_mimi_tokenize has no claim files any more: ranks split the "
+    'shards (k % WORLD_SIZE) and a rerun encodes what is missing (README.md, "Using it")',
 }
 
 DEBUG_ENV = "LLAMA_MIMI_DEBUG"  # set to 1 to see the traceback of an expected error
@@ -161,6 +168,11 @@ def check_keys(
             if path in added:
                 continue
             if path not in known and not (not prefix and k in variables):
+                if path in REMOVED_KEYS:
+                    raise UserError(
+                        f"config key {path!r} ({where(path)}) was removed: "
+                        f"{REMOVED_KEYS[path]}. Delete it."
+                    )
                 raise _unknown(path, siblings, where(path))
             if OmegaConf.is_dict(v):
                 walk(v, path + ".")

@@ -1,7 +1,8 @@
 """A training run's resumable state: ``output_dir/step_N`` folders, written whole or not at all.
 
-A checkpoint is built in ``output_dir/.step_N.tmp`` and renamed to ``step_N`` only when every
-part is on disk, so a kill at any moment leaves the previous checkpoint as it was. One holds:
+A checkpoint is built in ``output_dir/.step_N.tmp-ranks`` and renamed to ``step_N`` only when
+every part is on disk (``llama_mimi_tt.atomic_files``), so a kill at any moment leaves the
+previous checkpoint as it was; rank 0 removes such leftovers when a run starts. One holds:
 
     dcp/                 trainable parameters and optimizer state (torch.distributed.checkpoint:
                          each rank writes its own shards, fast, and resharding on load)
@@ -15,7 +16,6 @@ A LoRA run saves only what trains (adapters, audio rows); the frozen base comes 
 """
 
 import json
-import os
 import random
 import shutil
 import warnings
@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torchtune.utils import get_logger
 
+from llama_mimi_tt import atomic_files
 from llama_mimi_tt.errors import UserError
 
 log = get_logger("INFO")
@@ -119,9 +120,10 @@ def save(
     """Writes ``output_dir/step_{step}`` atomically (every rank calls this). ``write_hf(tmp)``
     runs on every rank (it gathers the full weights) and writes the HF files on rank 0."""
     output_dir = Path(output_dir)
-    final, tmp = step_dir(output_dir, step), output_dir / f".step_{step}.tmp"
+    final = step_dir(output_dir, step)
+    tmp = atomic_files.temporary_path(final, writer="ranks")  # every rank writes into it
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash inside an earlier save
+        atomic_files.remove_temporaries(final)  # left by a crash inside an earlier save
         tmp.mkdir(parents=True)
     _barrier()
     state = {
@@ -138,13 +140,9 @@ def save(
     _barrier()
     if _rank() == 0:
         full = {**recipe_state, "format": FORMAT_VERSION, "hf": write_hf is not None}
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump(full, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # an incomplete folder of the same step, from an older run
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        atomic_files.write_json(tmp / STATE_FILE, full)
+        # a folder already at step_N is an incomplete one of an older run: replaced
+        atomic_files.place_folder(tmp, final, keep_existing=False)
         log.info(
             f"checkpoint saved: {final}" + (" (with Hugging Face weights)" if write_hf else "")
         )
@@ -177,8 +175,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:
-    """``.step_N.tmp`` folders of saves that a crash interrupted (rank 0 only)."""
-    if _rank() == 0:
-        for tmp in Path(output_dir).glob(".step_*.tmp"):
-            log.info(f"removing {tmp}: left by a save that did not finish")
-            shutil.rmtree(tmp, ignore_errors=True)
+    """The checkpoint folders of saves that a crash interrupted: rank 0, which owns the run's
+    checkpoints, removes them when the run starts."""
+    if _rank() == 0 and atomic_files.remove_temporaries(Path(output_dir) / "step_*"):
+        log.info(f"removed the checkpoint folders of {output_dir} that a save left unfinished")

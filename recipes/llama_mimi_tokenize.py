@@ -4,23 +4,24 @@
         source=/data/LibriSpeech/train-clean-100 output_dir=/data/mimi/ls100 \\
         codec.path=~/models/tokenizer-e351c8d8-checkpoint125.safetensors device=cuda
 
-    # several GPUs or nodes: each rank encodes its share of the shards (only a shared
-    # output_dir is needed, no process group)
+    # several GPUs or nodes: each rank encodes the shards k with k % WORLD_SIZE == RANK
+    # (only a shared output_dir is needed, no process group)
     tune run --nproc_per_node 8 llama_mimi_tokenize --config tokenize ... device=cuda
+    # 8 machines without a rendezvous: on machine i = 0..7
+    RANK=$i WORLD_SIZE=8 tune run llama_mimi_tokenize --config tokenize ... device=cuda
 
 ``source`` is a folder of audio files, a .jsonl/.csv manifest, or a Hugging Face dataset (see
 ``llama_mimi_tt.audio_sources``). Audio is read, checked, mixed down and resampled to 24 kHz,
 cut by ``max_seconds`` (``long_files``: split or truncate), and encoded in batches of similar
 length. Every ``shard_size`` source items make one parquet shard, written under a temporary
-name and renamed when complete. Run the same command again after an interruption: finished
-shards are kept and only the missing or corrupt ones are encoded. Several processes (or
-machines) started on one ``output_dir`` share the work: each claims a shard before encoding
-it (``<shard>.claim``; a claim whose process is gone is taken over, see
-``llama_mimi_tt.code_cache``). Unreadable, empty, non-finite or too short (< 80 ms) audio and
-missing files are skipped with a logged reason; the summary at the end counts them and
-``cache.json`` / ``skipped.jsonl`` record them. A run in which every item was skipped fails.
-Audio with samples far beyond [-1, 1] (peak above 2.0) is normalised to peak 1.0, logged and
-counted.
+name and renamed when complete. Run the same command again after an interruption, with any
+number of ranks: finished shards are kept and only the missing or corrupt ones are encoded; a
+run that ends with shards of its own still missing fails. There are no claim files
+(``llama_mimi_tt.code_cache`` says why): ranks split the work, a rerun fills the gaps.
+Unreadable, empty, non-finite or too short (< 80 ms) audio and missing files are skipped with
+a logged reason; the summary at the end counts them and ``cache.json`` / ``skipped.jsonl``
+record them. A run in which every item was skipped fails. Audio with samples far beyond
+[-1, 1] (peak above 2.0) is normalised to peak 1.0, logged and counted.
 """
 
 import socket
@@ -34,6 +35,7 @@ from torchtune import config, utils
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from llama_mimi_tt.atomic_files import remove_temporaries
 from llama_mimi_tt.audio_sources import AUDIO_EXTENSIONS, AudioSource, open_audio_source
 from llama_mimi_tt.code_cache import (
     LONG_FILE_RULES,
@@ -41,8 +43,6 @@ from llama_mimi_tt.code_cache import (
     distributed_rank_and_world_size,
     encode_shard,
     finalize_cache,
-    remove_stale_temporaries,
-    shard_holder,
     shard_items,
     shard_name,
     shard_problem,
@@ -70,7 +70,6 @@ def check_settings(cfg: DictConfig) -> None:
         check_number(cfg, "batch_size", int, low=1)
     check_number(cfg, "max_batch_seconds", float, low=0.08, optional=True)
     check_number(cfg, "max_seconds", float, low=0.08, optional=True)
-    check_number(cfg, "claim_timeout_s", float, low=1, default=3600)
 
 
 def open_source(cfg: DictConfig) -> AudioSource:
@@ -136,11 +135,14 @@ def plan_cache(cfg: DictConfig, output_dir: Path, source: AudioSource, codec) ->
 
 
 def shards_to_encode(output_dir: Path, num_shards: int, rank: int, world_size: int) -> List[int]:
-    """This rank's shards that are missing or corrupt."""
+    """This rank's shards that are missing or corrupt. The temporaries that killed runs left of
+    them are removed first: this rank owns them (``llama_mimi_tt.atomic_files``)."""
     mine = shards_of_rank(num_shards, rank, world_size)
     todo = []
     for k in mine:
         path = output_dir / shard_name(k, num_shards)
+        if remove_temporaries(path):
+            log.info(f"removed the temporaries of {path.name} that an interrupted run left")
         problem = shard_problem(path, read_rows=True)
         if problem not in (None, "missing"):
             log.warning(f"{path} is {problem}: encoding it again")
@@ -154,7 +156,7 @@ def shards_to_encode(output_dir: Path, num_shards: int, rank: int, world_size: i
 
 
 def encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank) -> Dict[str, Any]:
-    """Encodes the ``todo`` shards one at a time (each claimed first); returns this run's counts."""
+    """Encodes the ``todo`` shards one at a time; returns this run's counts."""
     run = {"shards_written": 0, "files_skipped": 0, "files_normalised": 0, "files_short": 0}
     run["audio_seconds"] = 0.0
     total = sum(len(shards[k]) for k in todo)
@@ -173,12 +175,11 @@ def encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank
             if max_shards is not None and run["shards_written"] >= int(max_shards):
                 break
             path = output_dir / shard_name(k, len(shards))
-            meta, holder = encode_shard(
+            meta = encode_shard(
                 path,
                 source,
                 shards[k],
                 codec,
-                claim_timeout_s=float(cfg.get("claim_timeout_s", 3600)),
                 progress=progress,
                 logger=log,
                 writer={"shard": k, "rank": rank, "host": socket.gethostname()},
@@ -188,8 +189,7 @@ def encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank
                 max_batch_seconds=cfg.get("max_batch_seconds"),
             )
             if meta is None:
-                if holder is not None:
-                    log.info(f"{path.name}: another process ({holder}) is encoding it")
+                log.info(f"{path.name}: already written by another process")
                 pbar.update(len(shards[k]))
                 continue
             run["shards_written"] += 1
@@ -212,16 +212,18 @@ def encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank
     return run
 
 
-def check_encoded(output_dir: Path, num_shards: int, todo: Sequence[int], timeout_s: float):
-    """Fails when shards this run was to encode are still missing and no live process holds
-    them (a claim holder that died meanwhile): the run must not look successful."""
-    paths = [output_dir / shard_name(k, num_shards) for k in todo]
-    left = [p for p in paths if shard_problem(p) is not None and shard_holder(p, timeout_s) is None]
+def check_encoded(output_dir: Path, num_shards: int, todo: Sequence[int]) -> None:
+    """Fails when shards this run was to encode are still missing or corrupt: the run must not
+    look successful."""
+    left = [
+        shard_name(k, num_shards)
+        for k in todo
+        if shard_problem(output_dir / shard_name(k, num_shards)) is not None
+    ]
     if left:
         raise UserError(
-            f"{len(left)} shards of {output_dir} were not encoded ({left[0].name}"
-            f"{', ...' if len(left) > 1 else ''}): the process that claimed them stopped. "
-            "Run the same command again to encode them."
+            f"{len(left)} shards of {output_dir} were not encoded ({', '.join(left[:5])}"
+            f"{', ...' if len(left) > 5 else ''}). Run the same command again to encode them."
         )
 
 
@@ -267,11 +269,10 @@ def tokenize(cfg: DictConfig) -> Dict[str, Any]:
     codec, batch_size = load_codec(cfg)
     log.info(f"rank {rank}/{world_size}: codec {codec}")
     shards = plan_cache(cfg, output_dir, source, codec)
-    remove_stale_temporaries(output_dir, float(cfg.get("claim_timeout_s", 3600)))
     todo = shards_to_encode(output_dir, len(shards), rank, world_size)
     run = encode_shards(cfg, output_dir, source, codec, batch_size, shards, todo, rank)
     if cfg.get("max_shards") is None:
-        check_encoded(output_dir, len(shards), todo, float(cfg.get("claim_timeout_s", 3600)))
+        check_encoded(output_dir, len(shards), todo)
     manifest = finish(output_dir, len(shards), int(cfg.num_quantizers))
     return {"rank": rank, **run, "manifest": manifest}
 

@@ -118,3 +118,20 @@ def test_the_no_cuda_advice_works_when_followed(monkeypatch, tmp_path, recipe):
         recipe != "llama_mimi_tokenize"
     )
     check_argv_inputs(prepare_argv(base + ["device=cuda"] + advice, recipe))  # no error
+
+
+def test_a_removed_key_of_an_old_config_says_why_and_to_delete_it(tmp_path):
+    """``claim_timeout_s`` (tokenize's claim files, removed): an old config that still sets it,
+    or an override, stops before anything runs, saying why and what to do."""
+    from llama_mimi_tt.errors import UserError
+    from llama_mimi_tt.recipe_config import config_dir, prepare_argv
+
+    old = tmp_path / "old_tokenize.yaml"
+    old.write_text((config_dir() / "tokenize.yaml").read_text() + "claim_timeout_s: 3600\n")
+    with pytest.raises(UserError, match=rf"config key 'claim_timeout_s' \({old}\) was removed: "
+                       r"llama_mimi_tokenize has no claim files any more.*Delete it\."):  # fmt: skip
+        prepare_argv(["llama_mimi_tokenize", "--config", str(old)], "llama_mimi_tokenize")
+    argv = ["llama_mimi_tokenize", "--config", "tokenize", "claim_timeout_s=60"]
+    with pytest.raises(UserError, match=r"'claim_timeout_s' \(command line\) was removed"):
+        prepare_argv(argv, "llama_mimi_tokenize")
+    assert prepare_argv(argv[:3], "llama_mimi_tokenize")[2].endswith("tokenize.yaml")

@@ -4,15 +4,13 @@ The recipe's ``tokenize(cfg)`` runs in-process here with a counting wrapper arou
 ``MimiCodec.random`` (built once: ~3 s), so every encoded waveform is seen and counted.
 """
 
+import contextlib
 import errno
 import functools
 import hashlib
 import json
 import os
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import datasets
@@ -24,14 +22,19 @@ import soundfile as sf
 import torch
 from omegaconf import OmegaConf
 
-from llama_mimi_tt import audio_token_dataset, llama_mimi_tokenizer
+from llama_mimi_tt import atomic_files, audio_token_dataset, llama_mimi_tokenizer
+from llama_mimi_tt.atomic_files import temporary_path
 from llama_mimi_tt.audio import prepare_waveform, synthetic_audio
 from llama_mimi_tt.audio_sources import open_audio_source
 from llama_mimi_tt.code_cache import (
     MANIFEST_FILE,
     cut_long_audio,
     encode_items,
+    encode_shard,
+    shard_items,
+    shard_metadata,
     shard_name,
+    shard_problem,
 )
 from llama_mimi_tt.codec import MimiCodec
 from llama_mimi_tt.errors import UserError
@@ -83,13 +86,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def dead_pid() -> int:
-    """The PID of a process that has exited (what a killed run leaves in its files)."""
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 # ---- audio made here ------------------------------------------------------------------------
@@ -310,7 +306,7 @@ def test_half_written_shard_is_redone(reference_cache, corpus, tmp_path):
     data = victim.read_bytes()
     victim.unlink()
     (out / MANIFEST_FILE).unlink()
-    tmp = out / f"{victim.name}.tmp-{socket.gethostname()}-{dead_pid()}"  # a killed writer's
+    tmp = temporary_path(victim, writer="other-host-1-dead")  # a killed writer's
     tmp.write_bytes(data[: len(data) // 2])
     CountingCodec.encoded = []
     summary = run_tokenize(corpus[0], out)
@@ -329,15 +325,23 @@ def test_other_settings_cannot_resume(reference_cache, corpus, tmp_path):
 
 
 def test_ranks_encode_their_own_shards(reference_cache, corpus, tmp_path, monkeypatch):
+    """Each rank encodes its shards, and first removes the temporaries that killed runs left
+    of them (it owns them), never those of another rank's shards."""
     ref, ref_encoded, _ = reference_cache
     out = tmp_path / "cache"
+    out.mkdir()
+    left = {k: temporary_path(out / shard_name(k, 5), writer="node7-12-dead") for k in (0, 1)}
+    for tmp in left.values():
+        tmp.write_bytes(b"PAR1 half a shard")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     s1 = run_tokenize(corpus[0], out)
     assert s1["manifest"] is None
     assert sorted(p.name for p in out.glob("shard-*")) == [shard_name(1, 5), shard_name(3, 5)]
+    assert not left[1].exists() and left[0].exists()  # rank 0's shard: not rank 1's to touch
     monkeypatch.setenv("RANK", "0")
     s0 = run_tokenize(corpus[0], out)
+    assert not left[0].exists()
     assert s0["shards_written"] == 3 and s0["manifest"]["complete"]  # the last rank finishes it
     assert sorted(CountingCodec.encoded) == sorted(ref_encoded)
     a, b = shard_tables(ref), shard_tables(out)
@@ -512,40 +516,10 @@ def test_disk_full_names_the_shard_and_keeps_finished_work(corpus, tmp_path, mon
     assert sorted(p.name for p in out.iterdir() if "shard-" in p.name) == [
         shard_name(0, 5),
         shard_name(1, 5),
-    ]  # no temporary or claim left behind
+    ]  # no temporary left behind
     monkeypatch.setattr(pq, "write_table", real_write)
     CountingCodec.encoded = []
     assert run_tokenize(corpus[0], out)["shards_written"] == 3
-
-
-def _claim(path: Path, host: str, pid: int, age_s: float = 0.0) -> Path:
-    claim = Path(f"{path}.claim")
-    claim.write_text(json.dumps({"host": host, "pid": pid}))
-    os.utime(claim, (time.time() - age_s,) * 2)
-    return claim
-
-
-def test_claims_split_the_work_and_stale_claims_expire(corpus, tmp_path):
-    out = tmp_path / "cache"
-    run_tokenize(corpus[0], out, max_shards=1)  # shard 0 done
-    here = socket.gethostname()
-    live = _claim(out / shard_name(1, 5), here, os.getppid())  # a running process here
-    _claim(out / shard_name(2, 5), here, dead_pid())  # killed
-    other = _claim(out / shard_name(3, 5), "other-host", 1)  # fresh, elsewhere
-    _claim(out / shard_name(4, 5), "other-host", 1, age_s=7200)  # not refreshed for 2 h
-    stale_tmp = out / f"{shard_name(0, 5)}.tmp-{here}-{dead_pid()}"  # of a finished shard
-    stale_tmp.write_bytes(b"half")
-    busy_tmp = out / f"{shard_name(3, 5)}.tmp-other-host-1"
-    busy_tmp.write_bytes(b"being written")
-    summary = run_tokenize(corpus[0], out)
-    assert summary["shards_written"] == 2 and summary["manifest"] is None
-    done = sorted(p.name for p in out.glob("shard-*.parquet"))
-    assert done == [shard_name(k, 5) for k in (0, 2, 4)]
-    assert sorted(p.name for p in out.glob("*.claim")) == [live.name, other.name]
-    assert not stale_tmp.exists() and busy_tmp.exists()
-    live.unlink()
-    other.unlink()
-    assert run_tokenize(corpus[0], out)["manifest"]["complete"]
 
 
 def test_truncate_summary_counts_what_was_encoded(tmp_path):
@@ -640,46 +614,59 @@ def test_cut_off_wav_is_encoded_warned_and_counted_by_tokenize_and_skipped_by_ev
     assert [(s["id"], s["kind"]) for s in skipped] == [("cut", "short file")]
 
 
-def test_a_failed_claim_leaves_nothing_and_unreadable_claims_are_stale(
-    corpus, tmp_path, monkeypatch
-):
-    out = tmp_path / "cache"
-    run_tokenize(corpus[0], out, max_shards=1)
-    real_link = os.link
-
-    def full(src, dst):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "link", full)  # the disk fills up as shard 1 is claimed
-    with pytest.raises(UserError, match=r"cannot write .*shard-00001-of-00005.parquet.claim: No"):
-        run_tokenize(corpus[0], out)
-    monkeypatch.setattr(os, "link", real_link)
-    assert not [p for p in out.iterdir() if ".claim" in p.name or ".tmp" in p.name]
-    # claims left empty or damaged by earlier versions: nobody holds them
-    for k, text in ((1, ""), (2, "{not json"), (3, '{"host": "x"}')):
-        claim = Path(f"{out / shard_name(k, 5)}.claim")
-        claim.write_text(text)
-        os.utime(claim, (time.time() - 7200,) * 2 if k == 1 else None)
-    assert run_tokenize(corpus[0], out)["manifest"]["complete"]
-    assert not list(out.glob("*.claim"))
-
-
 def test_shards_left_unencoded_fail_the_run(corpus, tmp_path, monkeypatch):
-    """A shard skipped because another process held it, which then stopped without writing
-    it: the run says so and fails, instead of looking complete."""
+    """A shard this run was to encode that is still missing at the end (here: encode_shard
+    found it whole, then it was deleted): the run names it and fails, instead of looking
+    complete; the rerun it advises finishes the cache."""
     out = tmp_path / "cache"
     real = llama_mimi_tokenize.encode_shard
 
-    def held_then_dropped(path, *args, **kwargs):
-        if path.name == shard_name(3, 5):
-            return None, "other-host:1"  # its holder stopped: no claim, no shard
-        return real(path, *args, **kwargs)
+    def gone(path, *args, **kwargs):
+        return None if path.name == shard_name(3, 5) else real(path, *args, **kwargs)
 
-    monkeypatch.setattr(llama_mimi_tokenize, "encode_shard", held_then_dropped)
-    with pytest.raises(UserError, match=r"1 shards of .* were not encoded \(shard-00003-of-"):
+    monkeypatch.setattr(llama_mimi_tokenize, "encode_shard", gone)
+    with pytest.raises(UserError, match=r"1 shards of .* were not encoded \(shard-00003-of-00005"
+                       r"\.parquet\)\. Run the same command again"):  # fmt: skip
         run_tokenize(corpus[0], out)
     monkeypatch.setattr(llama_mimi_tokenize, "encode_shard", real)
     assert run_tokenize(corpus[0], out)["manifest"]["complete"]  # as the message advises
+
+
+def test_two_writers_of_one_shard_both_finish_and_the_shard_is_whole(
+    reference_cache, corpus, tmp_path, monkeypatch
+):
+    """A second encoder of a shard that starts while the first one's temporary is on disk
+    (a hook in the first write, no timing): both succeed, and the shard is whole and equal to
+    the reference; only work is wasted, nothing is left behind."""
+    ref = reference_cache[0]
+    want = shard_metadata(ref / shard_name(1, 5))  # 2 items, one of them bad audio
+    source = open_audio_source(str(corpus[0]))
+    items = shard_items(source.items, 2)[1]
+    path = tmp_path / shard_name(1, 5)
+    codec = CountingCodec(4)
+    real_replacing, seen = atomic_files.replacing, []
+
+    @contextlib.contextmanager
+    def with_a_second_writer(where):
+        with real_replacing(where) as tmp:
+            yield tmp
+            if not seen:  # the first writer's temporary is written, not yet renamed
+                seen.append(tmp)
+                assert tmp.is_file() and not path.exists()
+                second = encode_shard(path, source, items, codec, batch_size=3, max_seconds=None)
+                assert second["encoded_items"] == want["encoded_items"] == 1
+                assert tmp.is_file() and shard_problem(path, read_rows=True) is None
+
+    monkeypatch.setattr(atomic_files, "replacing", with_a_second_writer)
+    first = encode_shard(path, source, items, codec, batch_size=3, max_seconds=None)
+    assert seen and first["encoded_items"] == 1 and first["skipped"] == want["skipped"]
+    encoded = CountingCodec.encoded
+    assert len(encoded) == 2 and encoded[0] == encoded[1]  # each writer encoded the good item
+    assert shard_problem(path, read_rows=True) is None
+    assert pq.read_table(path).equals(pq.read_table(ref / path.name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
+    # a third call finds it whole and encodes nothing
+    assert encode_shard(path, source, items, codec) is None and len(CountingCodec.encoded) == 2
 
 
 def test_a_code_cache_given_as_tokenize_source_says_how_to_train_on_it(reference_cache, tmp_path):

@@ -238,6 +238,12 @@ def test_an_unusable_cache_folder_falls_back_to_torchao(tmp_path, monkeypatch):
         assert not cpu_kernels.available("int4")
         for precision in ("bf16", "int8", "int4"):
             assert not parse_quantize(precision).uses_cpu_kernel(torch.device("cpu"))
+        # a fresh cache folder: built under a temporary name and renamed, nothing else left
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh"))
+        cpu_kernels._library.cache_clear()
+        assert cpu_kernels.available("int4")
+        built = list((tmp_path / "fresh" / "llama_mimi_tt").iterdir())
+        assert len(built) == 1 and built[0].name.startswith("cpu_matmul-"), built
     finally:
         monkeypatch.undo()
         cpu_kernels._library.cache_clear()

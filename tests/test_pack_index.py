@@ -2,6 +2,7 @@
 computed once and reused, and the sampler over it gives torchdata's order and resumes exactly."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune.datasets import PackedDataset
 
 from llama_mimi_tt import audio_token_dataset, llama_mimi_tokenizer
+from llama_mimi_tt.atomic_files import temporary_path
 from llama_mimi_tt.code_cache import remove_cache, write_code_cache
 from llama_mimi_tt.data import SequenceBuilder, pack_frame_aligned, pad_pack, validation_mask
 from llama_mimi_tt.pack_index import INDEX_FOLDER, META_FILE
@@ -117,6 +119,38 @@ def test_index_is_computed_once_per_cache_and_settings(cache, tmp_path, monkeypa
     write_code_cache(other, utterances(30, seed=2), num_quantizers=8)
     b = audio_token_dataset(tok, str(other), packed=True)
     assert b.samples.index_folder != a.samples.index_folder and len(b.samples) > len(a.samples)
+
+
+def test_a_killed_build_blocks_nothing_and_a_racing_builder_keeps_the_first_index(
+    cache, tmp_path, monkeypatch
+):
+    """The builder of a key removes what a killed build of it left (it owns the key); when
+    another process puts the finished index in place first, that one is kept and ours dropped."""
+    from llama_mimi_tt import pack_index
+
+    tok = llama_mimi_tokenizer("builtin:byte", num_quantizers=4, max_seq_len=384)
+    first = audio_token_dataset(tok, str(cache), packed=True, split="all")
+    folder, want = first.samples.index_folder, first[5]["tokens"].clone()
+    theirs = tmp_path / "theirs"
+    shutil.copytree(folder, theirs)
+    (theirs / "marker").write_text("theirs")
+    shutil.rmtree(folder)
+    killed = temporary_path(folder, writer="node3-77-dead")
+    killed.mkdir()
+    (killed / "row.bin").write_bytes(b"half an array")
+    real = pack_index.compute_index
+
+    def raced(rows, builder, settings, tmp, **kwargs):
+        index = real(rows, builder, settings, tmp, **kwargs)
+        assert not killed.exists()  # removed before this build started
+        shutil.copytree(theirs, folder)  # another process renamed its index in first
+        return index
+
+    monkeypatch.setattr(pack_index, "compute_index", raced)
+    again = audio_token_dataset(tok, str(cache), packed=True, split="all")
+    assert (folder / "marker").read_text() == "theirs"
+    assert not [p.name for p in folder.parent.iterdir() if ".tmp-" in p.name]
+    assert torch.equal(again[5]["tokens"], want)
 
 
 def test_loader_workers_read_the_same_packs(cache):

@@ -242,7 +242,7 @@ def test_killed_inside_a_save_resumes_from_the_previous_checkpoint(workdir, refe
         "import os, runpy, signal, sys\n"
         "real = os.replace\n"
         "def replace(src, dst):\n"
-        "    if str(src).endswith('.step_6.tmp'):\n"
+        "    if str(src).endswith('.step_6.tmp-ranks'):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    real(src, dst)\n"
         "os.replace = replace\n"
@@ -253,9 +253,11 @@ def test_killed_inside_a_save_resumes_from_the_previous_checkpoint(workdir, refe
         [sys.executable, "-c", script], cwd=workdir, env=tune_env(), capture_output=True
     )
     assert r.returncode == -signal.SIGKILL
-    assert (out / ".step_6.tmp" / "recipe_state.json").is_file() and not (out / "step_6").exists()
+    assert (out / ".step_6.tmp-ranks" / "recipe_state.json").is_file() and not (
+        out / "step_6"
+    ).exists()
     resumed_from, _ = resumed_equals_uninterrupted(reference, out, args, workdir)
-    assert resumed_from == 4 and not (out / ".step_6.tmp").exists()
+    assert resumed_from == 4 and not (out / ".step_6.tmp-ranks").exists()
 
 
 def test_a_finished_run_trains_nothing_and_a_changed_config_is_refused(workdir, reference):

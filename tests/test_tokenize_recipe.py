@@ -1,5 +1,6 @@
-"""`tune run llama_mimi_tokenize` as a user runs it: killed with SIGKILL mid-run, run again,
-and the cache is complete, equal to encoding the files directly, with no file encoded twice."""
+"""`tune run llama_mimi_tokenize` as a user runs it: killed with SIGKILL mid-run (between
+shards, or inside a shard's write), run again, and the cache is complete, equal to encoding the
+files directly, with no file encoded twice; two machines split the work by RANK/WORLD_SIZE."""
 
 import hashlib
 import json
@@ -55,14 +56,20 @@ def quick_logging_codec(path="random", num_quantizers=4, device="cpu", seed=0):
     return _LoggingCodec(MimiCodec.random(num_quantizers=num_quantizers, seed=seed, fit_seconds=2))
 
 
-def _tune(source, out, log, sleep, codec="logging_codec"):
-    cmd = [TUNE, "run", "llama_mimi_tokenize", "--config", "tokenize", f"source={source}"]
-    cmd += [f"output_dir={out}", f"codec._component_=tests.test_tokenize_recipe.{codec}"]
-    cmd += ["codec.path=random", "num_quantizers=4", "shard_size=1", "batch_size=1"]
+def _args(source, out, codec="logging_codec"):
+    args = ["--config", "tokenize", f"source={source}", f"output_dir={out}"]
+    args += [f"codec._component_=tests.test_tokenize_recipe.{codec}", "codec.path=random"]
+    return args + ["num_quantizers=4", "shard_size=1", "batch_size=1"]
+
+
+def _tune(source, out, log, sleep, codec="logging_codec", prefix=None, **env_extra):
+    cmd = prefix or [TUNE, "run", "llama_mimi_tokenize"]
     env = dict(os.environ, LMTT_ENCODE_LOG=str(log), LMTT_SLEEP=str(sleep), OMP_NUM_THREADS="1")
+    env.update(env_extra)
     return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        cmd + _args(source, out, codec), cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
 
 
 def test_tune_run_killed_then_resumed(tmp_path):
@@ -128,21 +135,71 @@ def test_tune_run_killed_then_resumed(tmp_path):
     assert len(ds) == len(SECONDS)
 
 
-def test_two_processes_on_one_output_dir_split_the_work(tmp_path):
-    """Two `tune run llama_mimi_tokenize` started together on one output_dir: through the
-    shards' claim files each encodes a part, no file is encoded twice, the cache is whole."""
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    for i in range(6):
-        sf.write(audio / f"u{i}.wav", synthetic_audio(0.3, 16000, seed=i)[0].numpy(), 16000)
-    out = tmp_path / "cache"
+# the recipe as `tune run` runs it, with os.replace killing the process (SIGKILL: no cleanup)
+# when it is about to rename shard 2's finished temporary into place
+KILLED_IN_A_WRITE = """
+import os, runpy, signal, sys
+real = os.replace
+def replace(src, dst):
+    if str(dst).endswith("shard-00002-of-00005.parquet"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+sys.argv = ["llama_mimi_tokenize"] + sys.argv[1:]
+runpy.run_module("llama_mimi_tokenize", run_name="__main__")
+"""
+
+
+def _write_audio(folder: Path, seconds) -> None:
+    folder.mkdir()
+    for i, s in enumerate(seconds):
+        sf.write(folder / f"u{i}.wav", synthetic_audio(s, 16000, seed=i)[0].numpy(), 16000)
+
+
+def test_killed_inside_a_shard_write_then_rerun_finishes_every_shard(tmp_path):
+    """SIGKILL with shard 2 whole under its temporary name, not yet renamed: the temporary
+    stays, blocks nothing, and the rerun (its owner) removes it, encodes what is missing and
+    exits 0 with a complete cache.json."""
+    audio, out, log = tmp_path / "audio", tmp_path / "cache", tmp_path / "encoded.log"
+    _write_audio(audio, [0.3] * 5)
+    prefix = [sys.executable, "-c", KILLED_IN_A_WRITE]
+    proc = _tune(audio, out, log, sleep=0, codec="quick_logging_codec", prefix=prefix)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == -signal.SIGKILL, output
+    left = [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    assert len(left) == 1 and left[0].startswith(".shard-00002-of-00005.parquet.tmp-"), left
+    assert sorted(p.name for p in out.glob("shard-*")) == [
+        f"shard-0000{k}-of-00005.parquet" for k in (0, 1)
+    ]
+    log.unlink()
+
+    proc = _tune(audio, out, log, sleep=0, codec="quick_logging_codec")
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert "2 already done, 3 to encode" in output and "code cache complete" in output
+    assert len(log.read_text().split()) == 3  # shards 2, 3, 4: one file each
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    info = json.loads((out / MANIFEST_FILE).read_text())
+    assert info["complete"] and info["counts"]["encoded_items"] == 5
+    assert info["shards"] == sorted(p.name for p in out.glob("shard-*.parquet"))
+
+
+def test_two_machines_split_the_work_by_rank(tmp_path):
+    """Two `tune run llama_mimi_tokenize` with RANK=0/1 WORLD_SIZE=2 (what two machines are
+    given) on one output_dir: each encodes its own shards, no file is encoded twice, both exit
+    0 and the cache is whole (written by the later of the two)."""
+    audio, out = tmp_path / "audio", tmp_path / "cache"
+    _write_audio(audio, [0.3] * 6)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [_tune(audio, out, log, sleep=0.7, codec="quick_logging_codec") for log in logs]
+    procs = [
+        _tune(audio, out, log, 0, "quick_logging_codec", RANK=str(r), WORLD_SIZE="2")
+        for r, log in enumerate(logs)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    encoded = [log.read_text().split() if log.exists() else [] for log in logs]
-    assert all(len(e) >= 1 for e in encoded), outputs  # both worked
-    assert len(encoded[0]) + len(encoded[1]) == len(set(encoded[0]) | set(encoded[1])) == 6
-    assert any("another process" in o and "is encoding it" in o for o in outputs)
+    for r, o in enumerate(outputs):
+        assert f"rank {r}: 3 of 6 shards are mine, 0 already done, 3 to encode" in o, o
+    encoded = [log.read_text().split() for log in logs]
+    assert [len(e) for e in encoded] == [3, 3] and len(set(encoded[0]) | set(encoded[1])) == 6
     info = json.loads((out / MANIFEST_FILE).read_text())
-    assert info["counts"]["encoded_items"] == 6 and not list(out.glob("*.claim"))
+    assert info["complete"] and info["counts"]["encoded_items"] == 6
