@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -38,7 +39,6 @@ try:
     from fastapi import Depends, FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
 except ImportError as e:
     raise ImportError(
         f"the server needs the [serve] extra ({e}): pip install 'llama-mimi-tt[serve]'"
@@ -90,6 +90,7 @@ class ServeLimits:
     stop_at_end: bool = True  # a sample may end itself with </audio>
     min_new_frames: int = 0  # </audio> not allowed before this many frames
     compile: bool = False  # torch.compile the one-token step
+    upload_readers: int = 2  # threads that decode uploads (more requests wait for one)
 
     def __post_init__(self):
         for name in (
@@ -97,7 +98,7 @@ class ServeLimits:
         ):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_queue", "max_batch_size"):
+        for name in ("max_queue", "max_batch_size", "upload_readers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_samples > self.max_batch_size:
@@ -438,13 +439,22 @@ def read_prompt(path: str, sample_rate: int, max_seconds: float) -> torch.Tensor
     return audio.read()
 
 
-async def read_upload(request: Request, limits: ServeLimits, uploads: str, sample_rate: int):
-    """The request body as a checked prompt waveform, via a temporary file deleted at once."""
+async def read_upload(
+    request: Request, limits: ServeLimits, uploads: str, sample_rate: int, readers: Executor
+):
+    """The request body as a checked prompt waveform, via a temporary file deleted at once.
+    It is decoded by one of the ``readers`` threads (``upload_readers`` of them): decoding uses
+    the CPU and memory, so more at once would only slow the others down, and every thread
+    that decodes keeps an allocator arena of its own (resident memory grew with the requests
+    when they were decoded in Starlette's pool of 40 threads)."""
     fd, path = tempfile.mkstemp(dir=uploads, suffix=".upload")
     os.close(fd)
     try:
         await receive_upload(request, path, limits)
-        return await run_in_threadpool(read_prompt, path, sample_rate, limits.max_prompt_seconds)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            readers, read_prompt, path, sample_rate, limits.max_prompt_seconds
+        )
     finally:
         os.unlink(path)
 
@@ -588,6 +598,8 @@ def create_app(
     own_dir = upload_dir is None
     uploads = upload_dir or tempfile.mkdtemp(prefix="llama_mimi_serve_")
 
+    readers = ThreadPoolExecutor(limits.upload_readers, thread_name_prefix="llama-mimi-upload")
+
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
@@ -595,6 +607,7 @@ def create_app(
             yield
         finally:
             batcher.stop()
+            readers.shutdown(cancel_futures=True)
             if own_dir:
                 shutil.rmtree(uploads, ignore_errors=True)
 
@@ -618,7 +631,7 @@ def create_app(
         check_api_key(request, api_key)
         check_query(request, known)
         frames = check_request(limits, stream, params)
-        wave = await read_upload(request, limits, uploads, codec.sample_rate)
+        wave = await read_upload(request, limits, uploads, codec.sample_rate, readers)
         job = build_job(batcher, wave, frames, stream, params)
         batcher.submit(job)
         return job, (await next_event(job))[1]
