@@ -496,11 +496,10 @@ def _decode_loop(
     index_hash = _hash32(torch.arange(c + 1, device=device))
     generated = torch.full((bsz, max_steps), vocab.audio_end_id, dtype=torch.long, device=device)
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
-    level_offsets = torch.tensor(vocab.audio_offset, device=device)
     frames_done = 0
 
     def ids_of(index, level, allow_end):
-        ids = level_offsets + index * q_levels + level
+        ids = vocab.code_ids(index, level)
         if allow_end:
             ids = torch.where(index == c, vocab.audio_end_id, ids)
         return ids
