@@ -47,7 +47,8 @@ except ImportError as e:
 from llama_mimi_tt.audio import audio_header, open_audio
 from llama_mimi_tt.codec import MimiCodec, num_frames
 from llama_mimi_tt.generation import SamplingParams, generate
-from llama_mimi_tt.vocab import MIMI_FRAME_RATE, MimiVocab
+from llama_mimi_tt.tokenizer import LlamaMimiTokenizer
+from llama_mimi_tt.vocab import MIMI_FRAME_RATE
 
 log = utils.get_logger("INFO")
 
@@ -146,18 +147,18 @@ class ContinuationBatcher:
         self,
         model: torch.nn.Module,
         codec: MimiCodec,
-        vocab: MimiVocab,
-        bos_id: int,
+        tokenizer: LlamaMimiTokenizer,
         limits: ServeLimits = ServeLimits(),
         name: str = "llama-mimi",
         random_weights: bool = False,
     ):
+        vocab = tokenizer.vocab
         if codec.num_quantizers != vocab.num_quantizers:
             raise ValueError(
                 f"the codec has num_quantizers={codec.num_quantizers} but the tokenizer "
                 f"{vocab.num_quantizers}: set both from one num_quantizers"
             )
-        self.model, self.codec, self.vocab, self.bos_id = model, codec, vocab, bos_id
+        self.model, self.codec, self.tokenizer, self.vocab = model, codec, tokenizer, vocab
         self.limits, self.name, self.random_weights = limits, name, random_weights
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -263,10 +264,7 @@ class ContinuationBatcher:
         t0 = time.perf_counter()
         codec, vocab, q = self.codec, self.vocab, self.vocab.num_quantizers
         codes = codec.encode_batch([j.wave for j in batch], codec.sample_rate)
-        prompts = [
-            torch.cat([torch.tensor([self.bos_id, vocab.audio_start_id]), vocab.encode(c)])
-            for c in codes
-        ]
+        prompts = [self.tokenizer.prompt_ids(c) for c in codes]
         rows = [(j, k) for j, job in enumerate(batch) for k in range(len(job.seeds))]
         max_frames = max(job.frames for job in batch)
         for job, c in zip(batch, codes):

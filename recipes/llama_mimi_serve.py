@@ -35,7 +35,7 @@ def recipe_main(cfg: DictConfig) -> None:
     log.info(f"precision: {quant.describe(device)}")
     name = cfg.get("model_dir") or cfg.model._component_
     batcher = ContinuationBatcher(
-        model, codec, tokenizer.vocab, tokenizer.bos_id, limits, name, random_weights(cfg)
+        model, codec, tokenizer, limits, name, random_weights(cfg)
     )
     api_key = os.environ.get(cfg.api_key_env) if cfg.get("api_key_env") else None
     if api_key:

@@ -53,9 +53,7 @@ def running(parts, api_key=None, random_weights=True, **limits):
     """A server on a free port of 127.0.0.1: yields (base url, app)."""
     model, codec, tokenizer = parts
     limits = ServeLimits(**{"stop_at_end": False, **limits})
-    batcher = ContinuationBatcher(
-        model, codec, tokenizer.vocab, tokenizer.bos_id, limits, random_weights=random_weights
-    )
+    batcher = ContinuationBatcher(model, codec, tokenizer, limits, random_weights=random_weights)
     app = create_app(batcher, api_key=api_key)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -143,7 +141,7 @@ def test_continue_and_stream_give_the_same_audio(parts):
 def test_batches_take_jobs_that_fit_in_arrival_order(parts):
     model, codec, tokenizer = parts
     limits = ServeLimits(max_batch_size=3, max_samples=3, batch_wait_ms=0)
-    batcher = ContinuationBatcher(model, codec, tokenizer.vocab, tokenizer.bos_id, limits)
+    batcher = ContinuationBatcher(model, codec, tokenizer, limits)
     loop = asyncio.new_event_loop()
     try:
 
