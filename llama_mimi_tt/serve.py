@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Dict, List, Optional, Sequence
@@ -262,7 +262,7 @@ class ContinuationBatcher:
     # -- one batch
     def _generate(self, batch: List[Job]) -> None:
         t0 = time.perf_counter()
-        codec, vocab, q = self.codec, self.vocab, self.vocab.num_quantizers
+        codec, vocab = self.codec, self.vocab
         codes = codec.encode_batch([j.wave for j in batch], codec.sample_rate)
         prompts = [self.tokenizer.prompt_ids(c) for c in codes]
         rows = [(j, k) for j, job in enumerate(batch) for k in range(len(job.seeds))]
@@ -274,7 +274,6 @@ class ContinuationBatcher:
         stream_rows = [i for i, (j, _) in enumerate(rows) if batch[j].stream]
         sent = [0] * len(rows)  # frames streamed per row
         done = [False] * len(batch)
-        first_code = vocab.audio_offset + torch.arange(q)  # code 0 of each level
 
         def finish_stream(j):
             job, mine = batch[j], [i for i, (jj, _) in enumerate(rows) if jj == j]
@@ -283,9 +282,7 @@ class ContinuationBatcher:
             job.emit("done", dict(frames=frames, ended=[f < job.frames for f in frames]))
 
         def on_frame(index, frame_ids, active):
-            ids = frame_ids[stream_rows].cpu()
-            ids = torch.where(vocab.is_audio(ids), ids, first_code)  # rows that stopped
-            wave = decoder.decode_frame(vocab.decode(ids))  # [S, 1, 1920]
+            wave = decoder.decode_frame_ids(frame_ids[stream_rows], vocab)  # [S, 1, 1920]
             active = active.cpu().tolist()
             for s, i in enumerate(stream_rows):
                 j, k = rows[i]
@@ -297,10 +294,8 @@ class ContinuationBatcher:
                 if job.stream and not done[j] and (index + 1 >= job.frames or not any(mine)):
                     finish_stream(j)
 
-        decoder = codec.streaming_decoder(batch_size=len(stream_rows)) if stream_rows else None
-        if decoder is not None:
-            decoder.__enter__()
-        try:
+        streaming = codec.streaming_decoder(len(stream_rows)) if stream_rows else nullcontext()
+        with streaming as decoder:
             out = generate(
                 self.model,
                 [prompts[j] for j, _ in rows],
@@ -314,9 +309,6 @@ class ContinuationBatcher:
                 compile=self.limits.compile,
                 on_frame=on_frame if decoder is not None else None,
             )
-        finally:
-            if decoder is not None:
-                decoder.__exit__(None, None, None)
         for j, job in enumerate(batch):
             if job.stream and not done[j]:  # every sample stopped early (</audio>)
                 finish_stream(j)

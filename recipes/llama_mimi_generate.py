@@ -20,6 +20,7 @@ it equals the non-streaming decode within 1e-5 (float) / 1 LSB (16-bit file).
 
 import json
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -171,27 +172,28 @@ class StreamingWriter:
 
     def __init__(self, codec, vocab, paths: List[Path]):
         self.vocab = vocab
-        self.files = [
-            sf.SoundFile(str(p), "w", samplerate=codec.sample_rate, channels=1, subtype="PCM_16")
-            for p in paths
-        ]
-        self.decoder = codec.streaming_decoder(batch_size=len(paths)).__enter__()
+        with ExitStack() as stack:  # what was opened is closed again if the rest fails
+            self.files = [
+                stack.enter_context(
+                    sf.SoundFile(
+                        str(p), "w", samplerate=codec.sample_rate, channels=1, subtype="PCM_16"
+                    )
+                )
+                for p in paths
+            ]
+            self.decoder = stack.enter_context(codec.streaming_decoder(batch_size=len(paths)))
+            self._open = stack.pop_all()
 
     def __call__(self, frame_index: int, frame_ids: torch.Tensor, active: torch.Tensor):
-        ids = frame_ids.cpu()
-        active = active.cpu().tolist()
-        first_ids = self.vocab.audio_offset + torch.arange(ids.shape[-1])  # code 0 of each level
-        ids = torch.where(self.vocab.is_audio(ids), ids, first_ids)  # rows that stopped
-        wave = self.decoder.decode_frame(self.vocab.decode(ids))  # [B, Q, 1] -> [B, 1, 1920]
-        for f, w, a in zip(self.files, wave, active):
+        wave = self.decoder.decode_frame_ids(frame_ids, self.vocab)  # [B, 1, 1920]
+        for f, w, a in zip(self.files, wave, active.cpu().tolist()):
             if a:
                 f.write(np.clip(w[0].numpy(), -1.0, 1.0))
                 f.flush()
 
     def close(self):
-        self.decoder.__exit__(None, None, None)
-        for f in self.files:
-            f.close()
+        """Leaves the decoder's streaming mode, then closes the files."""
+        self._open.close()
 
 
 # ---- main -----------------------------------------------------------------------------------
