@@ -56,6 +56,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+# What a recipe or a request that names no value gets; everything else reads them from here.
+DEFAULT_SAMPLING = SamplingParams()  # the reference's: temperature 0.8, top-k 30, no top-p
+DEFAULT_PROMPT_SECONDS = 3.0  # prompt audio kept for a continuation (the eval's generation)
+DEFAULT_MAX_NEW_SECONDS = 10.0  # continuation length
+
+
 # ---- counter-based Gumbel noise -------------------------------------------------------------
 _M32 = 0xFFFFFFFF
 

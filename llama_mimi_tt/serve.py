@@ -46,7 +46,7 @@ except ImportError as e:
 
 from llama_mimi_tt.audio import audio_header, open_audio
 from llama_mimi_tt.codec import MimiCodec, num_frames
-from llama_mimi_tt.generation import SamplingParams, generate
+from llama_mimi_tt.generation import DEFAULT_SAMPLING, SamplingParams, generate
 from llama_mimi_tt.tokenizer import LlamaMimiTokenizer
 from llama_mimi_tt.vocab import MIMI_FRAME_RATE
 
@@ -593,11 +593,13 @@ def create_app(
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, bad_parameter)
 
+    d = DEFAULT_SAMPLING
+
     def query_params(
         seconds: float = Query(min(4.0, limits.max_seconds), gt=0, allow_inf_nan=False),
-        semantic_temperature: float = Query(0.8, ge=0, allow_inf_nan=False),
-        acoustic_temperature: float = Query(0.8, ge=0, allow_inf_nan=False),
-        top_k: int = Query(30, ge=1),
+        semantic_temperature: float = Query(d.temperature, ge=0, allow_inf_nan=False),
+        acoustic_temperature: float = Query(d.temperature, ge=0, allow_inf_nan=False),
+        top_k: int = Query(d.top_k, ge=1),
         seed: int = Query(0, ge=0, lt=2**62),
         num_samples: int = Query(1, ge=1),
     ) -> dict:

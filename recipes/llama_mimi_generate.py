@@ -34,7 +34,12 @@ from tqdm import tqdm
 
 from llama_mimi_tt.audio import save_audio
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
-from llama_mimi_tt.generation import GenerationOutput, SamplingParams, generate
+from llama_mimi_tt.generation import (
+    DEFAULT_SAMPLING,
+    GenerationOutput,
+    SamplingParams,
+    generate,
+)
 from llama_mimi_tt.loading import load_model, random_weights
 from llama_mimi_tt.quantize import parse_quantize, quantize_model
 from llama_mimi_tt.recipe_config import check_number, check_output_dir, run_recipe
@@ -199,9 +204,10 @@ class StreamingWriter:
 # ---- main -----------------------------------------------------------------------------------
 def sampling_params(cfg: DictConfig, key: str) -> SamplingParams:
     """``semantic`` / ``acoustic``, every number checked and named."""
-    check_number(cfg, f"{key}.temperature", float, low=0, default=0.8)
-    check_number(cfg, f"{key}.top_k", int, low=1, optional=True, default=30)
-    check_number(cfg, f"{key}.top_p", float, low=0, high=1, default=1.0)
+    d = DEFAULT_SAMPLING
+    check_number(cfg, f"{key}.temperature", float, low=0, default=d.temperature)
+    check_number(cfg, f"{key}.top_k", int, low=1, optional=True, default=d.top_k)
+    check_number(cfg, f"{key}.top_p", float, low=0, high=1, default=d.top_p)
     try:
         return SamplingParams(**cfg.get(key, {}))
     except ValueError as e:
