@@ -47,7 +47,7 @@ def run(quick: bool = False) -> list:
     for f, f0, k in zip(frames, first, n_samples):
         codes = g.integers(0, 2048, (q, f))
         samples += [builder.sample(codes, [], c, int(f0)) for c in range(int(k))]
-    packs = list(pack_frame_aligned(samples, L, q, tok.bos_id, tok.vocab.audio_start_id))
+    packs = list(pack_frame_aligned(samples, L, q, tok.header_ids()))
     t_pack = time.perf_counter() - t0
     audio_tokens = int((frames * q).sum())
     real_packed = sum(len(p["tokens"]) for p in packs)

@@ -267,9 +267,8 @@ class LlamaMimiCheckpointer:
 
     def _rows_error(self, rows: int) -> UserError:
         v = self.vocab
-        extra = rows - v.text_vocab_size - 2
-        if extra > 0 and extra % v.codebook_size == 0:
-            q = extra // v.codebook_size
+        q = v.num_quantizers_of(rows)
+        if q is not None:
             why = (
                 f"that is T + C * Q + 2 for num_quantizers={q}, but the config says "
                 f"num_quantizers={v.num_quantizers}: set num_quantizers={q} everywhere"

@@ -41,6 +41,7 @@ from llama_mimi_tt.vocab import (
     MIMI_CODEBOOK_SIZE,
     MIMI_FRAME_RATE,
     MIMI_SAMPLE_RATE,
+    MimiVocab,
     check_codes,
 )
 
@@ -380,6 +381,16 @@ class MimiStreamingDecoder:
                 chunks.append(self.codec.model.decode(frame).to("cpu", torch.float32))
         wave = torch.cat(chunks, dim=-1)
         return wave if batched else wave[0]
+
+    def decode_frame_ids(self, frame_ids: torch.Tensor, vocab: MimiVocab) -> torch.Tensor:
+        """One generated frame per stream, ids ``[B, Q]`` (as ``generate``'s ``on_frame`` gives
+        them) -> audio ``[B, 1, 1920]``. A row that has stopped holds ``</audio>`` instead of
+        codes: it is fed code 0 of every level, so that the batch stays in step; its audio
+        means nothing and the caller drops it."""
+        ids = frame_ids.cpu()
+        code_zero = vocab.code_ids(0, torch.arange(ids.shape[-1]))
+        ids = torch.where(vocab.is_audio(ids), ids, code_zero)
+        return self.decode_frame(vocab.decode(ids))  # codes [B, Q, 1]
 
     def reset(self) -> None:
         """Forget the past frames (start a new utterance)."""

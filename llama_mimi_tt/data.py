@@ -284,21 +284,27 @@ def _check_q(tokenizer, cache_q: int, name: str) -> int:
 
 
 # ---- packing ------------------------------------------------------------------------------
+def header_labels(header: Sequence[int]) -> List[int]:
+    """Labels of a continuation header (``LlamaMimiTokenizer.header_ids``): no loss on its
+    BOS."""
+    return [CROSS_ENTROPY_IGNORE_IDX, *header[1:]]
+
+
 def pack_frame_aligned(
     samples,
     max_seq_len: int,
     num_quantizers: int,
-    bos_id: int,
-    audio_start_id: int,
+    header: Sequence[int],
 ) -> Iterator[Dict[str, list]]:
     """Greedy packing that splits a sample across packs only on a frame boundary.
 
     A sample that does not fit the rest of the current pack fills it with its head and as
-    many whole frames as fit; what remains continues in the next pack as
-    ``<|begin_of_text|> <audio> frames ..`` (labels -100 on the BOS). Yields unpadded packs:
-    ``{"tokens", "labels", "input_pos", "seq_lens"}`` lists, as torchtune's PackedDataset
-    builds them."""
+    many whole frames as fit; what remains continues in the next pack after ``header``
+    (``LlamaMimiTokenizer.header_ids``: ``<|begin_of_text|> <audio>``; labels -100 on the
+    BOS). Yields unpadded packs: ``{"tokens", "labels", "input_pos", "seq_lens"}`` lists, as
+    torchtune's PackedDataset builds them."""
     L, q = max_seq_len, num_quantizers
+    header, labels_of_header = list(header), header_labels(header)
 
     def empty():
         return {"tokens": [], "labels": [], "input_pos": [], "seq_lens": []}
@@ -324,9 +330,9 @@ def pack_frame_aligned(
                 if frames >= 1:
                     cut = a + 1 + frames * q
                     add(pack, tokens[:cut], labels[:cut])
-                    tokens = [bos_id, audio_start_id] + tokens[cut:]
-                    labels = [CROSS_ENTROPY_IGNORE_IDX, audio_start_id] + labels[cut:]
-                    a = 1
+                    tokens = header + tokens[cut:]
+                    labels = labels_of_header + labels[cut:]
+                    a = len(header) - 1  # <audio> ends the header
                 yield pack
                 pack = empty()
             if len(pack["tokens"]) == L:
@@ -371,9 +377,8 @@ class AudioPackedDataset(Dataset):
         self.samples = samples
         self.max_seq_len = max_seq_len
         self.padding_idx = padding_idx
-        vocab = samples.builder.tokenizer.vocab
-        self.header = [samples.builder.tokenizer.bos_id, vocab.audio_start_id]
-        self.header_labels = [CROSS_ENTROPY_IGNORE_IDX, vocab.audio_start_id]
+        self.header = samples.builder.tokenizer.header_ids()
+        self.header_labels = header_labels(self.header)
         self.starts = samples.index.arrays["pack_sample"]
         self.offsets = samples.index.arrays["pack_offset"]
 
@@ -502,10 +507,7 @@ class AudioTokenIterableDataset(_CacheRowSamples, IterableDataset):
             yield from self.samples()
             return
         L = self.builder.max_seq_len
-        vocab = self.tokenizer.vocab
-        for pack in pack_frame_aligned(
-            self.samples(), L, self.q, self.tokenizer.bos_id, vocab.audio_start_id
-        ):
+        for pack in pack_frame_aligned(self.samples(), L, self.q, self.tokenizer.header_ids()):
             yield pad_pack(pack, L, self.tokenizer.pad_id)
 
 

@@ -56,6 +56,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+# What a recipe or a request that names no value gets; everything else reads them from here.
+DEFAULT_SAMPLING = SamplingParams()  # the reference's: temperature 0.8, top-k 30, no top-p
+DEFAULT_PROMPT_SECONDS = 3.0  # prompt audio kept for a continuation (the eval's generation)
+DEFAULT_MAX_NEW_SECONDS = 10.0  # continuation length
+
+
 # ---- counter-based Gumbel noise -------------------------------------------------------------
 _M32 = 0xFFFFFFFF
 
@@ -496,11 +502,10 @@ def _decode_loop(
     index_hash = _hash32(torch.arange(c + 1, device=device))
     generated = torch.full((bsz, max_steps), vocab.audio_end_id, dtype=torch.long, device=device)
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
-    level_offsets = torch.tensor(vocab.audio_offset, device=device)
     frames_done = 0
 
     def ids_of(index, level, allow_end):
-        ids = level_offsets + index * q_levels + level
+        ids = vocab.code_ids(index, level)
         if allow_end:
             ids = torch.where(index == c, vocab.audio_end_id, ids)
         return ids

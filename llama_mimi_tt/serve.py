@@ -25,7 +25,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Dict, List, Optional, Sequence
@@ -46,8 +46,9 @@ except ImportError as e:
 
 from llama_mimi_tt.audio import audio_header, open_audio
 from llama_mimi_tt.codec import MimiCodec, num_frames
-from llama_mimi_tt.generation import SamplingParams, generate
-from llama_mimi_tt.vocab import MIMI_FRAME_RATE, MimiVocab
+from llama_mimi_tt.generation import DEFAULT_SAMPLING, SamplingParams, generate
+from llama_mimi_tt.tokenizer import LlamaMimiTokenizer
+from llama_mimi_tt.vocab import MIMI_FRAME_RATE
 
 log = utils.get_logger("INFO")
 
@@ -147,18 +148,18 @@ class ContinuationBatcher:
         self,
         model: torch.nn.Module,
         codec: MimiCodec,
-        vocab: MimiVocab,
-        bos_id: int,
+        tokenizer: LlamaMimiTokenizer,
         limits: ServeLimits = ServeLimits(),
         name: str = "llama-mimi",
         random_weights: bool = False,
     ):
+        vocab = tokenizer.vocab
         if codec.num_quantizers != vocab.num_quantizers:
             raise ValueError(
                 f"the codec has num_quantizers={codec.num_quantizers} but the tokenizer "
                 f"{vocab.num_quantizers}: set both from one num_quantizers"
             )
-        self.model, self.codec, self.vocab, self.bos_id = model, codec, vocab, bos_id
+        self.model, self.codec, self.tokenizer, self.vocab = model, codec, tokenizer, vocab
         self.limits, self.name, self.random_weights = limits, name, random_weights
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -262,12 +263,9 @@ class ContinuationBatcher:
     # -- one batch
     def _generate(self, batch: List[Job]) -> None:
         t0 = time.perf_counter()
-        codec, vocab, q = self.codec, self.vocab, self.vocab.num_quantizers
+        codec, vocab = self.codec, self.vocab
         codes = codec.encode_batch([j.wave for j in batch], codec.sample_rate)
-        prompts = [
-            torch.cat([torch.tensor([self.bos_id, vocab.audio_start_id]), vocab.encode(c)])
-            for c in codes
-        ]
+        prompts = [self.tokenizer.prompt_ids(c) for c in codes]
         rows = [(j, k) for j, job in enumerate(batch) for k in range(len(job.seeds))]
         max_frames = max(job.frames for job in batch)
         for job, c in zip(batch, codes):
@@ -277,7 +275,6 @@ class ContinuationBatcher:
         stream_rows = [i for i, (j, _) in enumerate(rows) if batch[j].stream]
         sent = [0] * len(rows)  # frames streamed per row
         done = [False] * len(batch)
-        first_code = vocab.audio_offset + torch.arange(q)  # code 0 of each level
 
         def finish_stream(j):
             job, mine = batch[j], [i for i, (jj, _) in enumerate(rows) if jj == j]
@@ -286,9 +283,7 @@ class ContinuationBatcher:
             job.emit("done", dict(frames=frames, ended=[f < job.frames for f in frames]))
 
         def on_frame(index, frame_ids, active):
-            ids = frame_ids[stream_rows].cpu()
-            ids = torch.where(vocab.is_audio(ids), ids, first_code)  # rows that stopped
-            wave = decoder.decode_frame(vocab.decode(ids))  # [S, 1, 1920]
+            wave = decoder.decode_frame_ids(frame_ids[stream_rows], vocab)  # [S, 1, 1920]
             active = active.cpu().tolist()
             for s, i in enumerate(stream_rows):
                 j, k = rows[i]
@@ -300,10 +295,8 @@ class ContinuationBatcher:
                 if job.stream and not done[j] and (index + 1 >= job.frames or not any(mine)):
                     finish_stream(j)
 
-        decoder = codec.streaming_decoder(batch_size=len(stream_rows)) if stream_rows else None
-        if decoder is not None:
-            decoder.__enter__()
-        try:
+        streaming = codec.streaming_decoder(len(stream_rows)) if stream_rows else nullcontext()
+        with streaming as decoder:
             out = generate(
                 self.model,
                 [prompts[j] for j, _ in rows],
@@ -317,9 +310,6 @@ class ContinuationBatcher:
                 compile=self.limits.compile,
                 on_frame=on_frame if decoder is not None else None,
             )
-        finally:
-            if decoder is not None:
-                decoder.__exit__(None, None, None)
         for j, job in enumerate(batch):
             if job.stream and not done[j]:  # every sample stopped early (</audio>)
                 finish_stream(j)
@@ -616,11 +606,13 @@ def create_app(
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, bad_parameter)
 
+    d = DEFAULT_SAMPLING
+
     def query_params(
         seconds: float = Query(min(4.0, limits.max_seconds), gt=0, allow_inf_nan=False),
-        semantic_temperature: float = Query(0.8, ge=0, allow_inf_nan=False),
-        acoustic_temperature: float = Query(0.8, ge=0, allow_inf_nan=False),
-        top_k: int = Query(30, ge=1),
+        semantic_temperature: float = Query(d.temperature, ge=0, allow_inf_nan=False),
+        acoustic_temperature: float = Query(d.temperature, ge=0, allow_inf_nan=False),
+        top_k: int = Query(d.top_k, ge=1),
         seed: int = Query(0, ge=0, lt=2**62),
         num_samples: int = Query(1, ge=1),
     ) -> dict:

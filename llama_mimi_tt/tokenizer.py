@@ -196,6 +196,11 @@ class LlamaMimiTokenizer:
             ids.append(v.audio_end_id)
         return ids
 
+    def header_ids(self) -> List[int]:
+        """``<bos> <audio>``: how an audio-only sequence begins, and how the rest of an
+        utterance begins again in the next pack when packing cuts it on a frame boundary."""
+        return [self.bos_id, self.vocab.audio_start_id]
+
     def prompt_ids(self, codes=None, text: Optional[str] = None) -> torch.Tensor:
         """A generation prompt ``<bos> [text] <audio> [frames]`` (open audio, never cut), for
         codes ``[Q', F]`` with Q' >= Q (the first Q levels are used; None: no frames)."""

@@ -7,7 +7,7 @@ code block. Everything here is array arithmetic: no strings, no Python loop over
 """
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -78,6 +78,15 @@ class MimiVocab:
         """Vocabulary size before any padding: T + C * Q + 2."""
         return self.audio_start_id + 2
 
+    def num_quantizers_of(self, size: int) -> Optional[int]:
+        """The Q whose vocabulary (this T and C, unpadded) has ``size`` ids, or None when no
+        Q >= 1 gives ``size``: the inverse of ``size``, to name the Q a checkpoint was made
+        with."""
+        audio = size - self.text_vocab_size - 2
+        if audio > 0 and audio % self.codebook_size == 0:
+            return audio // self.codebook_size
+        return None
+
     def padded_size(self, multiple_of: int = 1) -> int:
         """``size`` rounded up to a multiple (for GPU-friendly embedding shapes)."""
         return -(-self.size // multiple_of) * multiple_of
@@ -100,9 +109,18 @@ class MimiVocab:
         """``(start, stop, step)`` of the ids of one level: ``range(start, stop, step)``."""
         if not 0 <= level < self.num_quantizers:
             raise ValueError(f"level must be in 0..{self.num_quantizers - 1}, got {level}")
-        return (self.audio_offset + level, self.audio_start_id, self.num_quantizers)
+        return (self.code_ids(0, level), self.audio_start_id, self.num_quantizers)
 
     # ---- codes <-> ids ------------------------------------------------------------------
+    def code_ids(self, codes, level):
+        """Ids of codes at quantizer ``level``: ``T + c * Q + level``, the one place the
+        layout is computed (ints or tensors, broadcast together; no range check)."""
+        return self.audio_offset + codes * self.num_quantizers + level
+
+    def codes_of(self, ids):
+        """Codes of audio ids (the inverse of ``code_ids``; meaningless for other ids)."""
+        return torch.div(ids - self.audio_offset, self.num_quantizers, rounding_mode="floor")
+
     def encode(self, codes):
         """Codes ``[..., Q, F]`` -> ids ``[..., F * Q]``, frame-major (f1q0 f1q1 .. f2q0 ..).
 
@@ -116,10 +134,8 @@ class MimiVocab:
             )
         t = t.long()
         check_codes(t, self.codebook_size)
-        first_ids = torch.arange(
-            self.audio_offset, self.audio_offset + self.num_quantizers, device=t.device
-        )
-        ids = (t.transpose(-1, -2) * self.num_quantizers + first_ids).flatten(-2)
+        levels = torch.arange(self.num_quantizers, device=t.device)
+        ids = self.code_ids(t.transpose(-1, -2), levels).flatten(-2)
         return ids.numpy() if was_numpy else ids
 
     def decode(self, ids):
@@ -142,15 +158,14 @@ class MimiVocab:
             first = tuple(int(i) for i in bad.nonzero()[0])
             v = int(t[first])
             if self.is_audio(torch.tensor(v)):
-                why = f"is level {(v - self.audio_offset) % q}, expected level {first[-1] % q}"
+                why = f"is level {self.level_of(v)}, expected level {first[-1] % q}"
             else:
                 why = (
                     f"is not an audio-code id (audio ids are {self.audio_offset}.."
                     f"{self.audio_start_id - 1})"
                 )
             raise ValueError(f"id {v} at position {first} {why}")
-        codes = torch.div(t - self.audio_offset, q, rounding_mode="floor")
-        codes = codes.unflatten(-1, (-1, q)).transpose(-1, -2)
+        codes = self.codes_of(t).unflatten(-1, (-1, q)).transpose(-1, -2)
         return codes.numpy() if was_numpy else codes
 
     # ---- mixed text/audio sequences -----------------------------------------------------

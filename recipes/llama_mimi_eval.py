@@ -30,6 +30,13 @@ from llama_mimi_tt.evaluation import (
     summarize,
     write_results,
 )
+from llama_mimi_tt.generation import (
+    DEFAULT_MAX_NEW_SECONDS,
+    DEFAULT_PROMPT_SECONDS,
+    DEFAULT_SAMPLING,
+    SamplingParams,
+    generate,
+)
 from llama_mimi_tt.loading import load_model
 from llama_mimi_tt.quantize import parse_quantize, quantize_model
 from llama_mimi_tt.recipe_config import check_number, check_output_dir, run_recipe
@@ -135,7 +142,6 @@ def read_prompts(source: str, max_prompts=None) -> list:
 def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -> dict:
     """Continuations of the prompts, then the LLM judge and speaker similarity."""
     from llama_mimi_tt.audio import load_audio, save_audio
-    from llama_mimi_tt.generation import SamplingParams, generate
     from llama_mimi_tt.judge import evaluate_generations, format_generation_summary
     from llama_mimi_tt.vocab import MIMI_FRAME_RATE
 
@@ -144,15 +150,20 @@ def run_generation(cfg: DictConfig, model, tokenizer, codec, output_dir: Path) -
     gen_dir = output_dir / "generations"
     sr = codec.sample_rate
     todo = [p for p in prompts if "continuation" not in p]
-    params = SamplingParams(temperature=gcfg.get("temperature", 0.8), top_k=gcfg.get("top_k", 30))
-    max_frames = round(gcfg.get("max_new_seconds", 10.0) * MIMI_FRAME_RATE)
+    d = DEFAULT_SAMPLING
+    params = SamplingParams(
+        temperature=gcfg.get("temperature", d.temperature), top_k=gcfg.get("top_k", d.top_k)
+    )
+    max_frames = round(gcfg.get("max_new_seconds", DEFAULT_MAX_NEW_SECONDS) * MIMI_FRAME_RATE)
     batch = int(gcfg.get("batch_size", 4))
     failed = []
     for b0 in range(0, len(todo), batch):
         group = todo[b0 : b0 + batch]
         ids = []
         for item in group:
-            wave = load_audio(item["path"], sr, max_seconds=gcfg.get("prompt_seconds", 3.0))
+            wave = load_audio(
+                item["path"], sr, max_seconds=gcfg.get("prompt_seconds", DEFAULT_PROMPT_SECONDS)
+            )
             with writing(gen_dir / f"{item['id']}_prompt.wav"):
                 item["prompt_cut"] = str(save_audio(gen_dir / f"{item['id']}_prompt.wav", wave, sr))
             prompt, _ = tokenizer.continuation_ids(codec.encode(wave, sr))  # audio left open
@@ -224,11 +235,11 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.get("generation"):
         g = "generation."
         check_number(cfg, g + "max_prompts", int, low=1, optional=True)
-        check_number(cfg, g + "prompt_seconds", float, low=0.08, default=3.0)
-        check_number(cfg, g + "max_new_seconds", float, low=0.08, default=10.0)
+        check_number(cfg, g + "prompt_seconds", float, low=0.08, default=DEFAULT_PROMPT_SECONDS)
+        check_number(cfg, g + "max_new_seconds", float, low=0.08, default=DEFAULT_MAX_NEW_SECONDS)
         check_number(cfg, g + "min_new_frames", int, low=0, default=0)
-        check_number(cfg, g + "temperature", float, low=0, default=0.8)
-        check_number(cfg, g + "top_k", int, low=1, optional=True, default=30)
+        check_number(cfg, g + "temperature", float, low=0, default=DEFAULT_SAMPLING.temperature)
+        check_number(cfg, g + "top_k", int, low=1, optional=True, default=DEFAULT_SAMPLING.top_k)
         check_number(cfg, g + "seed", int, low=0, default=0)
         check_number(cfg, g + "batch_size", int, low=1, default=4)
         check_number(cfg, g + "max_concurrency", int, low=1, default=4)

@@ -20,6 +20,7 @@ it equals the non-streaming decode within 1e-5 (float) / 1 LSB (16-bit file).
 
 import json
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -33,7 +34,12 @@ from tqdm import tqdm
 
 from llama_mimi_tt.audio import save_audio
 from llama_mimi_tt.errors import MissingFileError, UserError, writing
-from llama_mimi_tt.generation import GenerationOutput, SamplingParams, generate
+from llama_mimi_tt.generation import (
+    DEFAULT_SAMPLING,
+    GenerationOutput,
+    SamplingParams,
+    generate,
+)
 from llama_mimi_tt.loading import load_model, random_weights
 from llama_mimi_tt.quantize import parse_quantize, quantize_model
 from llama_mimi_tt.recipe_config import check_number, check_output_dir, run_recipe
@@ -171,35 +177,37 @@ class StreamingWriter:
 
     def __init__(self, codec, vocab, paths: List[Path]):
         self.vocab = vocab
-        self.files = [
-            sf.SoundFile(str(p), "w", samplerate=codec.sample_rate, channels=1, subtype="PCM_16")
-            for p in paths
-        ]
-        self.decoder = codec.streaming_decoder(batch_size=len(paths)).__enter__()
+        with ExitStack() as stack:  # what was opened is closed again if the rest fails
+            self.files = [
+                stack.enter_context(
+                    sf.SoundFile(
+                        str(p), "w", samplerate=codec.sample_rate, channels=1, subtype="PCM_16"
+                    )
+                )
+                for p in paths
+            ]
+            self.decoder = stack.enter_context(codec.streaming_decoder(batch_size=len(paths)))
+            self._open = stack.pop_all()
 
     def __call__(self, frame_index: int, frame_ids: torch.Tensor, active: torch.Tensor):
-        ids = frame_ids.cpu()
-        active = active.cpu().tolist()
-        first_ids = self.vocab.audio_offset + torch.arange(ids.shape[-1])  # code 0 of each level
-        ids = torch.where(self.vocab.is_audio(ids), ids, first_ids)  # rows that stopped
-        wave = self.decoder.decode_frame(self.vocab.decode(ids))  # [B, Q, 1] -> [B, 1, 1920]
-        for f, w, a in zip(self.files, wave, active):
+        wave = self.decoder.decode_frame_ids(frame_ids, self.vocab)  # [B, 1, 1920]
+        for f, w, a in zip(self.files, wave, active.cpu().tolist()):
             if a:
                 f.write(np.clip(w[0].numpy(), -1.0, 1.0))
                 f.flush()
 
     def close(self):
-        self.decoder.__exit__(None, None, None)
-        for f in self.files:
-            f.close()
+        """Leaves the decoder's streaming mode, then closes the files."""
+        self._open.close()
 
 
 # ---- main -----------------------------------------------------------------------------------
 def sampling_params(cfg: DictConfig, key: str) -> SamplingParams:
     """``semantic`` / ``acoustic``, every number checked and named."""
-    check_number(cfg, f"{key}.temperature", float, low=0, default=0.8)
-    check_number(cfg, f"{key}.top_k", int, low=1, optional=True, default=30)
-    check_number(cfg, f"{key}.top_p", float, low=0, high=1, default=1.0)
+    d = DEFAULT_SAMPLING
+    check_number(cfg, f"{key}.temperature", float, low=0, default=d.temperature)
+    check_number(cfg, f"{key}.top_k", int, low=1, optional=True, default=d.top_k)
+    check_number(cfg, f"{key}.top_p", float, low=0, high=1, default=d.top_p)
     try:
         return SamplingParams(**cfg.get(key, {}))
     except ValueError as e:

@@ -34,9 +34,7 @@ def recipe_main(cfg: DictConfig) -> None:
     model = quantize_model(load_model(cfg, device, dtype), quant, device)
     log.info(f"precision: {quant.describe(device)}")
     name = cfg.get("model_dir") or cfg.model._component_
-    batcher = ContinuationBatcher(
-        model, codec, tokenizer.vocab, tokenizer.bos_id, limits, name, random_weights(cfg)
-    )
+    batcher = ContinuationBatcher(model, codec, tokenizer, limits, name, random_weights(cfg))
     api_key = os.environ.get(cfg.api_key_env) if cfg.get("api_key_env") else None
     if api_key:
         log.info(f"API key required (from ${cfg.api_key_env})")

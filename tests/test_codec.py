@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from llama_mimi_tt.audio import save_audio, synthetic_audio
 from llama_mimi_tt.codec import MIMI_NAME, MimiCodec, num_frames
+from llama_mimi_tt.vocab import MimiVocab
 
 Q = 4
 
@@ -146,6 +147,24 @@ def test_batched_streaming_decode_matches_offline(codec, fresh_codes):
     assert streamed.shape == (2, 1, 6 * 1920)
     for b in range(2):
         assert (streamed[b] - offline[b]).abs().max().item() < 1e-5
+
+
+def test_streaming_decode_of_generated_ids_feeds_stopped_rows_code_zero(codec, fresh_codes):
+    _, codes = fresh_codes
+    vocab = MimiVocab(text_vocab_size=512, num_quantizers=Q)
+    items = torch.stack([codes[:, :4], codes[:, 4:8]])  # two streams [2, Q, 4]
+    ids = [vocab.encode(items[:, :, i : i + 1]) for i in range(4)]  # [2, Q] per frame
+    for frame in ids[2:]:
+        frame[1] = vocab.audio_end_id  # stream 1 stopped after two frames
+    with codec.streaming_decoder(batch_size=2) as decoder:
+        got = torch.cat([decoder.decode_frame_ids(frame, vocab) for frame in ids], dim=-1)
+    fed = items.clone()
+    fed[1, :, 2:] = 0
+    with codec.streaming_decoder(batch_size=2) as decoder:
+        want = torch.cat([decoder.decode_frame(fed[:, :, i : i + 1]) for i in range(4)], dim=-1)
+    assert got.shape == (2, 1, 4 * 1920)
+    assert torch.equal(got, want)
+    assert (got[0] - codec.decode(items[0])).abs().max().item() < 1e-5  # the live row is exact
 
 
 def test_save_moshi_then_from_pretrained(codec, short_codes, weights_file):

@@ -50,6 +50,19 @@ def test_config_components_exist(name):
         _get_component_from_path(path)
 
 
+def test_shipped_configs_spell_the_codec_by_its_public_name():
+    spelled = set()
+    for name in EXPECTED:
+        cfg = OmegaConf.to_container(OmegaConf.load(resolve_config(name)))
+        spelled |= {path for path in components(cfg) if path.endswith("mimi_codec")}
+    assert spelled == {"llama_mimi_tt.mimi_codec"}
+    # a config written with the module's path still builds the same codec
+    import llama_mimi_tt
+    import llama_mimi_tt.codec
+
+    assert llama_mimi_tt.mimi_codec is llama_mimi_tt.codec.mimi_codec
+
+
 @pytest.mark.parametrize(
     "name", ["1B_full", "1B_lora_single_device", "8B_full", "8B_qlora_single_device"]
 )

@@ -147,7 +147,7 @@ def test_packed_dataset_frame_aligned(tmp_path):
     ds = build(tok, cache, tmp_path, split="all", packed=True)
     assert isinstance(ds, AudioPackedDataset)
     unpacked = list(build(tok, cache, tmp_path, split="all"))
-    raw = list(pack_frame_aligned(unpacked, L, q, tok.bos_id, v.audio_start_id))
+    raw = list(pack_frame_aligned(unpacked, L, q, tok.header_ids()))
     assert len(raw) == len(ds)
     for p, r in zip(ds, raw):
         n = len(r["tokens"])
@@ -183,7 +183,7 @@ def test_pack_frame_aligned_leaves_less_than_a_frame():
     for n in (7, 9, 3, 11, 2):
         tokens = [1, 9] + [100 + i % q for i in range(q * n)] + [8]
         samples.append({"tokens": tokens, "labels": [-100] + tokens[1:], "audio_start": 1})
-    packs = list(pack_frame_aligned(samples, L, q, bos_id=1, audio_start_id=9))
+    packs = list(pack_frame_aligned(samples, L, q, header=[1, 9]))
     for p in packs[:-1]:
         assert L - len(p["tokens"]) < q + 2  # full but for less than a frame and a header
     for p in packs:

@@ -75,8 +75,8 @@ def test_indexed_packs_equal_in_memory_packing_token_by_token(
     assert [samples[i] for i in range(len(samples))] == ref
 
     packs = audio_token_dataset(tok, str(cache), packed=True, **kw)
-    bos, audio = tok.bos_id, tok.vocab.audio_start_id
-    ref_packs = [pad_pack(p, L, tok.pad_id) for p in pack_frame_aligned(ref, L, 4, bos, audio)]
+    header = tok.header_ids()
+    ref_packs = [pad_pack(p, L, tok.pad_id) for p in pack_frame_aligned(ref, L, 4, header)]
     assert len(packs) == len(ref_packs) >= 5
     for i, r in enumerate(ref_packs):
         for k, v in packs[i].items():

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,9 +54,7 @@ def running(parts, api_key=None, random_weights=True, **limits):
     """A server on a free port of 127.0.0.1: yields (base url, app)."""
     model, codec, tokenizer = parts
     limits = ServeLimits(**{"stop_at_end": False, **limits})
-    batcher = ContinuationBatcher(
-        model, codec, tokenizer.vocab, tokenizer.bos_id, limits, random_weights=random_weights
-    )
+    batcher = ContinuationBatcher(model, codec, tokenizer, limits, random_weights=random_weights)
     app = create_app(batcher, api_key=api_key)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -143,7 +142,7 @@ def test_continue_and_stream_give_the_same_audio(parts):
 def test_batches_take_jobs_that_fit_in_arrival_order(parts):
     model, codec, tokenizer = parts
     limits = ServeLimits(max_batch_size=3, max_samples=3, batch_wait_ms=0)
-    batcher = ContinuationBatcher(model, codec, tokenizer.vocab, tokenizer.bos_id, limits)
+    batcher = ContinuationBatcher(model, codec, tokenizer, limits)
     loop = asyncio.new_event_loop()
     try:
 
@@ -443,10 +442,22 @@ def test_audio_bombs_lying_headers_unknown_parameters_and_slow_uploads(parts, mo
                 b"POST /v1/continue?seconds=0.16 HTTP/1.1\r\nHost: x\r\n"
                 b"Content-Length: 100000\r\n\r\n" + wav(0.5)[:1000]
             )
-            answer = s.recv(65536).decode()
+            answer = read_response(s)
         assert answer.startswith("HTTP/1.1 408") and "upload_timeout_s=0.5" in answer
         assert os.listdir(app.state.upload_dir) == []
         assert httpx.get(f"{url}/health").json()["served"] == 1
+
+
+def read_response(sock: socket.socket) -> str:
+    """One HTTP response, whole: its headers and its body may arrive in separate reads."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+        if not chunk or (length and len(body) >= int(length.group(1))):
+            return data.decode()
 
 
 def test_finished_requests_are_freed_without_the_cycle_collector(parts, monkeypatch):

@@ -44,6 +44,8 @@ def test_a2a_and_tts_sequences():
     ids, start = tok.tokenize(codes)
     assert start == 1
     assert ids == [tok.bos_id, v.audio_start_id, *v.encode(codes).tolist(), v.audio_end_id]
+    assert tok.header_ids() == ids[:2] == [256, 512 + 2048 * 4]  # what packing continues with
+    assert tok.prompt_ids(codes).tolist() == ids[:-1]  # a generation prompt: audio left open
     ids, start = tok.tokenize(codes, text="Hi!")
     assert ids[:start] == [tok.bos_id, ord("H"), ord("i"), ord("!")]
     assert ids[start] == v.audio_start_id and ids[-1] == v.audio_end_id

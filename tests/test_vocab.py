@@ -36,6 +36,23 @@ def test_layout_numbers():
     assert range(*v.level_ids(2))[:2] == range(128258, 128266, 4)
 
 
+def test_code_ids_per_level_and_back():
+    v = MimiVocab(text_vocab_size=512, num_quantizers=4)
+    codes = torch.tensor([0, 1, 2047])
+    assert v.code_ids(codes, 3).tolist() == [515, 519, 512 + 2047 * 4 + 3]
+    assert v.code_ids(7, 1) == 541
+    assert v.codes_of(v.code_ids(codes, 2)).tolist() == [0, 1, 2047]
+    assert v.level_of(v.code_ids(codes, 2)).tolist() == [2, 2, 2]
+
+
+def test_num_quantizers_of_a_vocabulary_size():
+    v = MimiVocab()  # T = 128256, C = 2048
+    assert v.num_quantizers_of(136450) == 4
+    assert v.num_quantizers_of(128256 + 2048 * 8 + 2) == 8
+    assert v.num_quantizers_of(128256) is None  # a base Llama 3: no audio rows
+    assert v.num_quantizers_of(136451) is None  # not T + C * Q + 2
+
+
 def test_encode_decode_roundtrip_batched_and_numpy():
     v = MimiVocab(text_vocab_size=512, num_quantizers=8)
     codes = torch.randint(0, 2048, (3, 2, 8, 17))
