@@ -433,10 +433,9 @@ async def read_upload(
     request: Request, limits: ServeLimits, uploads: str, sample_rate: int, readers: Executor
 ):
     """The request body as a checked prompt waveform, via a temporary file deleted at once.
-    It is decoded by one of the ``readers`` threads (``upload_readers`` of them): decoding uses
-    the CPU and memory, so more at once would only slow the others down, and every thread
-    that decodes keeps an allocator arena of its own (resident memory grew with the requests
-    when they were decoded in Starlette's pool of 40 threads)."""
+    It is decoded by one of the ``readers`` threads (``upload_readers`` of them), not by
+    Starlette's pool of 40: decoding takes CPU and memory that generation needs, so a flood of
+    uploads waits for a reader instead of decoding 40 at once."""
     fd, path = tempfile.mkstemp(dir=uploads, suffix=".upload")
     os.close(fd)
     try:
