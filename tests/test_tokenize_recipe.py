@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +26,33 @@ SECONDS = [0.5, 0.3, 0.6, 0.4]
 
 
 class _LoggingCodec:
-    """The random codec; appends a hash of every waveform to $LMTT_ENCODE_LOG and sleeps
-    $LMTT_SLEEP seconds after each batch (so that a test can kill it mid-run)."""
+    """The random codec; appends a hash of every waveform to $LMTT_ENCODE_LOG. Two hooks let
+    a test stop a run at a known point, whatever the speed of the machine:
+
+    - $LMTT_HOLD_AFTER=n: once n files are encoded, the next batch prints "held after n files"
+      and waits until the process is killed;
+    - $LMTT_MEET=fifo:r (or :w): the first batch waits until another process opens the named
+      pipe from the other end (its own first batch): two runs meet with their first shard
+      each claimed and unfinished.
+    """
 
     def __init__(self, codec):
         self.codec = codec
         self.num_quantizers, self.codebook_size = codec.num_quantizers, codec.codebook_size
         self.sample_rate, self.frame_rate = codec.sample_rate, codec.frame_rate
+        self.encoded = 0
 
     def encode_batch(self, waves, sample_rate, batch_size=8):
+        if waves and self.encoded == 0 and os.environ.get("LMTT_MEET"):
+            fifo, end = os.environ["LMTT_MEET"].rsplit(":", 1)
+            open(fifo, end).close()  # blocks until the other end is opened
+        if waves and self.encoded == int(os.environ.get("LMTT_HOLD_AFTER", "-1")):
+            print(f"held after {self.encoded} files", flush=True)
+            threading.Event().wait()
         out = self.codec.encode_batch(waves, sample_rate, batch_size=batch_size)
         with open(os.environ["LMTT_ENCODE_LOG"], "a") as f:
             f.writelines(hashlib.sha1(w.numpy().tobytes()).hexdigest() + "\n" for w in waves)
-        time.sleep(float(os.environ.get("LMTT_SLEEP", "0")))
+        self.encoded += len(waves)
         return out
 
 
@@ -55,11 +69,12 @@ def quick_logging_codec(path="random", num_quantizers=4, device="cpu", seed=0):
     return _LoggingCodec(MimiCodec.random(num_quantizers=num_quantizers, seed=seed, fit_seconds=2))
 
 
-def _tune(source, out, log, sleep, codec="logging_codec"):
+def _tune(source, out, log, codec="logging_codec", **env):
+    """``tune run llama_mimi_tokenize`` with a logging codec; ``env``: its hooks' variables."""
     cmd = [TUNE, "run", "llama_mimi_tokenize", "--config", "tokenize", f"source={source}"]
     cmd += [f"output_dir={out}", f"codec._component_=tests.test_tokenize_recipe.{codec}"]
     cmd += ["codec.path=random", "num_quantizers=4", "shard_size=1", "batch_size=1"]
-    env = dict(os.environ, LMTT_ENCODE_LOG=str(log), LMTT_SLEEP=str(sleep), OMP_NUM_THREADS="1")
+    env = dict(os.environ, LMTT_ENCODE_LOG=str(log), OMP_NUM_THREADS="1", **env)
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -73,23 +88,29 @@ def test_tune_run_killed_then_resumed(tmp_path):
     (audio / "broken.wav").write_bytes(b"RIFF....WAVE garbage")
     out, log = tmp_path / "cache", tmp_path / "encoded.log"
 
-    # 1. killed (SIGKILL, no cleanup) once the first encoded shard is written (shard 0 is
-    # broken.wav alone: no codes)
-    proc = _tune(audio, out, log, sleep=1.5)
-    deadline = time.time() + 240
-    while not (out / "shard-00001-of-00005.parquet").exists() and proc.poll() is None:
-        assert time.time() < deadline, "no shard written in time"
-        time.sleep(0.2)
+    # 1. killed (SIGKILL, no cleanup) while it encodes its second file: shard 0 is broken.wav
+    # alone (no codes), shard 1 is u0.wav, written; shard 2 (u1.wav) is claimed, unwritten
+    proc = _tune(audio, out, log, LMTT_HOLD_AFTER="1")
+    watchdog = threading.Timer(240, proc.kill)  # a run that hangs fails the test
+    watchdog.start()
+    output = ""
+    for line in proc.stdout:
+        output += line
+        if line.endswith("held after 1 files\n"):
+            break
+    watchdog.cancel()
     proc.send_signal(signal.SIGKILL)
-    output = proc.communicate()[0]
-    assert proc.returncode == -signal.SIGKILL, output
+    output += proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL and "held after 1 files" in output, output
     done_at_kill = sorted(p.name for p in out.glob("shard-*.parquet"))
-    assert 1 <= len(done_at_kill) < 5 and not (out / MANIFEST_FILE).exists()
+    assert done_at_kill == ["shard-00000-of-00005.parquet", "shard-00001-of-00005.parquet"]
+    assert not (out / MANIFEST_FILE).exists()
     killed_log = log.read_text().split()
+    assert len(killed_log) == 1
     log.unlink()
 
     # 2. the same command again finishes the job, and only the job that was left
-    proc = _tune(audio, out, log, sleep=0)
+    proc = _tune(audio, out, log)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
     assert f"{len(done_at_kill)} already done, {5 - len(done_at_kill)} to encode" in output
@@ -137,8 +158,20 @@ def test_two_processes_on_one_output_dir_split_the_work(tmp_path):
         sf.write(audio / f"u{i}.wav", synthetic_audio(0.3, 16000, seed=i)[0].numpy(), 16000)
     out = tmp_path / "cache"
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [_tune(audio, out, log, sleep=0.7, codec="quick_logging_codec") for log in logs]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    # the two meet in their first batches: neither finishes a file before the other has
+    # claimed one, so each encodes at least one, and the one that claimed shard 0 first still
+    # holds it when the other comes to it
+    meet = tmp_path / "meet.fifo"
+    os.mkfifo(meet)
+    procs = [
+        _tune(audio, out, log, codec="quick_logging_codec", LMTT_MEET=f"{meet}:{end}")
+        for log, end in zip(logs, "rw")
+    ]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # after a timeout; a process that has ended is left as it is
     assert [p.returncode for p in procs] == [0, 0], outputs
     encoded = [log.read_text().split() if log.exists() else [] for log in logs]
     assert all(len(e) >= 1 for e in encoded), outputs  # both worked
