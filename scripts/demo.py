@@ -169,24 +169,17 @@ def main(argv=None) -> None:
         "llama_mimi_generate",
         "--config",
         "generate" if tiny else "1B_generate",
+        f"model_dir={model_dir}",  # the checkpoint folder, as README teaches
+        f"num_quantizers={q}",
         f"output_dir={gen_dir}",
         f"prompt_audio=[{prompt_path}]",
         "num_samples=1",
         f"max_seconds={args.seconds}",
         f"device={args.device}",
         f"codec.path={codec_path}",
-        "checkpointer._component_=llama_mimi_tt.LlamaMimiCheckpointer",
-        f"checkpointer.checkpoint_dir={model_dir}",
-        "checkpointer.model_type=LLAMA3_2",
-        f"checkpointer.num_quantizers={q}",
     ]
-    if tiny:
-        gen_args += ["checkpointer.text_vocab_size=512"]
-    else:
-        gen_args += [
-            f"model_dir={model_dir}",
-            "dtype=bf16" if args.device != "cpu" else "dtype=fp32",
-        ]
+    if not tiny:
+        gen_args += ["dtype=bf16" if args.device != "cpu" else "dtype=fp32"]
     times["generate"] = run_step("3/3 continue the prompt clip", gen_args, logs / "generate.log")
 
     # 4. summary

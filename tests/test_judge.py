@@ -4,7 +4,6 @@ generation-quality pipeline (``evaluate_generations``)."""
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from llama_mimi_tt.statistics import mean_ci
 # ---- a scripted OpenAI-compatible server -------------------------------------------------------
 class ChatServer:
     """``POST /v1/chat/completions`` on 127.0.0.1. Each request takes the next scripted action:
-    ``("reply", text)``, ``("status", code[, headers])``, ``("slow", seconds, text)`` or
-    ``("raw", body)``; when the script runs out, ``default`` is used. Requests are recorded."""
+    ``("reply", text)``, ``("status", code[, headers])`` or ``("raw", body)``, or a function of
+    the request body that returns one (and may wait first); when the script runs out,
+    ``default`` is used. Requests are recorded."""
 
     def __init__(self, script=(), default=("reply", '{"score": 5, "reason": "ok"}')):
         self.script, self.default, self.requests = list(script), default, []
@@ -55,9 +55,6 @@ class ChatServer:
                     self.end_headers()
                     self.wfile.write(b'{"error": {"message": "scripted failure"}}')
                     return
-                if kind == "slow":
-                    time.sleep(action[1])
-                    action = ("reply", action[2])
                 if kind == "raw":
                     payload = action[1].encode()
                 else:
@@ -138,14 +135,20 @@ def test_malformed_replies_are_retried_then_counted_failed():
 
 
 def test_timeout_is_retried_then_counted_failed():
-    with ChatServer(default=("slow", 1.5, '{"score": 9}')) as srv:
+    answer = threading.Event()  # the server answers no request before the judge has given up
+
+    def held(body):
+        answer.wait(timeout=60)  # only so that a client without a timeout cannot hang the test
+        return ("reply", '{"score": 9}')
+
+    with ChatServer(default=held) as srv:
         judge = make_judge(srv, timeout=0.2, max_retries=1)
-        t0 = time.perf_counter()
         v = judge.judge("a", "b")
-        elapsed = time.perf_counter() - t0
-    assert v["score"] is None and v["attempts"] == 2
+        answer.set()
+    # no reply ever came before the judge returned: it gave up on each request by its timeout
+    assert v["score"] is None and v["attempts"] == 2 and len(srv.requests) == 2
     assert "timed out" in v["error"].lower() or "timeout" in v["error"].lower()
-    assert elapsed < 1.4  # gave up on each request after ~0.2 s
+    assert judge.sleep == [0.5]  # one backoff between the two attempts
 
 
 def test_server_error_then_success_and_retry_after():

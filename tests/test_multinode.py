@@ -12,7 +12,6 @@ Run: ``.venv/bin/python -m pytest tests/test_multinode.py -q`` (slow: see the ma
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -27,7 +26,15 @@ import soundfile as sf
 from llama_mimi_tt.audio import synthetic_audio
 from llama_mimi_tt.code_cache import MANIFEST_FILE, write_code_cache
 from scripts.tiny_base import write_tiny_base_llama
-from tests.test_recipes import TUNE, learnable_utts, losses_from_log, overrides, tune_run
+from tests.test_recipes import (
+    TUNE,
+    kill_tree,
+    learnable_utts,
+    losses_from_log,
+    overrides,
+    process_tree,
+    tune_run,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 epochs of 2 steps per rank (12 utterances, batch 2 on each of 2 ranks); a checkpoint at
@@ -123,26 +130,6 @@ def run_nodes(args, cwd, log_prefix: Path, env=None):
             if p.poll() is None:
                 kill_tree(p.pid)
     return [Path(f"{log_prefix}.node{r}.log").read_text() for r in range(2)]
-
-
-def process_tree(pid: int):
-    p = psutil.Process(pid)
-    return [p] + p.children(recursive=True)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL to a launch and everything it started (torchrun's workers have sessions of
-    their own)."""
-    try:
-        procs = process_tree(pid)
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
 
 
 # ---- training -----------------------------------------------------------------------------------

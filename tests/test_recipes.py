@@ -8,7 +8,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +45,42 @@ def training_inputs(d: Path) -> Path:
     return d
 
 
+# A recipe module, run by `tune run held_recipe` from the work folder: $HOLD_RECIPE
+# (llama_mimi_full or llama_mimi_lora) that holds its process when step $HOLD_AT_STEP is over
+# (logged, and its checkpoint written if it has one), until it is killed: a test kills the run
+# at a known step, whatever the speed of the machine.
+HELD_RECIPE = """
+import os, sys, threading
+
+from torchtune import config
+
+import llama_mimi_full
+from llama_mimi_tt.recipe_config import run_recipe
+
+
+class Held(llama_mimi_full.LlamaMimiFinetuneRecipe):
+    def train_step(self, batch):
+        if self.global_step == int(os.environ["HOLD_AT_STEP"]):
+            print(f"held after step {self.global_step}", flush=True)
+            threading.Event().wait()
+        return super().train_step(batch)
+
+
+@config.parse
+def recipe_main(cfg):
+    llama_mimi_full.train(cfg, Held)
+
+
+if __name__ == "__main__":
+    sys.exit(run_recipe(recipe_main, os.environ["HOLD_RECIPE"], llama_mimi_full.OPTIONAL_KEYS))
+"""
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    return training_inputs(tmp_path_factory.mktemp("recipes"))
+    d = training_inputs(tmp_path_factory.mktemp("recipes"))
+    (d / "held_recipe.py").write_text(HELD_RECIPE)
+    return d
 
 
 def overrides(workdir, out, **extra):
@@ -155,27 +188,54 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(workdir):
     assert max(diffs) < 1e-4, (a, b)
 
 
+def process_tree(pid: int):
+    p = psutil.Process(pid)
+    return [p] + p.children(recursive=True)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to a launch and everything it started (torchrun's workers have sessions of
+    their own)."""
+    try:
+        procs = process_tree(pid)
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def run_and_kill(args, cwd, out, at_step, nproc=None):
-    """Starts ``tune run``, and SIGKILLs it (all its processes) once step ``at_step`` is logged."""
-    with open(out.parent / f"{out.name}.killed.log", "w") as errors:
+    """Runs ``tune run`` of the recipe ``args[0]`` held after step ``at_step`` (see
+    HELD_RECIPE) and SIGKILLs all its processes there; returns the last step logged."""
+    env = {**tune_env(nproc), "HOLD_AT_STEP": str(at_step), "HOLD_RECIPE": args[0]}
+    log_path = out.parent / f"{out.name}.killed.log"
+    with open(log_path, "w") as log:
         p = subprocess.Popen(
-            tune_cmd(args, nproc),
+            tune_cmd(["held_recipe", *args[1:]], nproc),
             cwd=cwd,
-            env=tune_env(nproc),
-            stdout=errors,
-            stderr=errors,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
-        deadline = time.time() + 300
-        while not any(s >= at_step for s, _ in losses_from_log(out)):
-            assert p.poll() is None, f"the run ended before step {at_step}"
-            assert time.time() < deadline
-            time.sleep(0.02)
-        # torchrun starts its workers in sessions of their own: kill the whole tree
-        procs = psutil.Process(p.pid).children(recursive=True) + [psutil.Process(p.pid)]
-        for proc in procs:
-            proc.send_signal(signal.SIGKILL)
-        p.wait()
+        watchdog = threading.Timer(300, kill_tree, [p.pid])  # a hung run fails the test
+        watchdog.start()
+        try:
+            for line in p.stdout:  # until the run is held (or its output ends: it failed)
+                log.write(line)
+                if line.endswith(f"held after step {at_step}\n"):  # after tqdm's bar
+                    break
+            else:
+                raise AssertionError(f"the run ended before step {at_step}: see {log_path}")
+        finally:
+            watchdog.cancel()
+            kill_tree(p.pid)
+            log.write(p.communicate()[0])
     return max(s for s, _ in losses_from_log(out))
 
 
@@ -200,6 +260,12 @@ FSDP = dict(epochs=4, batch_size=2, save_every_n_steps=2, **{"dataset.packed": T
 RESUME = dict(epochs=4, batch_size=2, shuffle=True, save_every_n_steps=3, keep_last_n_checkpoints=2)
 
 
+def last_checkpoint_of_resume(step: int) -> int:
+    """The last checkpoint of a RESUME run at or before ``step``: every 3 steps, and at the end
+    of each epoch of 4 steps."""
+    return max(s for s in range(1, step + 1) if s % 3 == 0 or s % 4 == 0)
+
+
 def full_args(workdir, out, **settings):
     return ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, **settings)
 
@@ -215,10 +281,11 @@ def reference(workdir):
 def test_full_killed_at_a_random_step_resumes_exactly(workdir, reference):
     out = workdir / "full_killed"
     args = full_args(workdir, out, **RESUME)
-    killed = run_and_kill(args, workdir, out, random_step(4, 15))
+    step = random_step(4, 15)
+    killed = run_and_kill(args, workdir, out, step)
     resumed_from, rest = resumed_equals_uninterrupted(reference, out, args, workdir)
     print(f"full: killed after step {killed}, resumed from step_{resumed_from}, {rest} steps equal")
-    assert resumed_from in {3, 4, 6, 8, 9, 12, 15} and resumed_from <= killed
+    assert killed == step and resumed_from == last_checkpoint_of_resume(killed)
     # keep_last_n_checkpoints=2: only the newest two folders stay
     assert sorted(int(p.name[5:]) for p in out.glob("step_*")) == [15, 16]
 
@@ -229,9 +296,11 @@ def test_loader_workers_read_the_same_batches_and_resume_exactly(workdir, refere
     resumed as well."""
     out = workdir / "workers_killed"
     args = full_args(workdir, out, num_workers=2, **RESUME)
-    killed = run_and_kill(args, workdir, out, random_step(4, 15))
+    step = random_step(4, 15)
+    killed = run_and_kill(args, workdir, out, step)
     resumed_from, rest = resumed_equals_uninterrupted(reference, out, args, workdir)
     print(f"workers: killed after step {killed}, resumed from step_{resumed_from}, {rest} equal")
+    assert killed == step and resumed_from == last_checkpoint_of_resume(killed)
 
 
 def test_killed_inside_a_save_resumes_from_the_previous_checkpoint(workdir, reference):
@@ -317,11 +386,13 @@ def test_fsdp2_killed_at_a_random_step_resumes_exactly(workdir):
     out = workdir / "fsdp_killed"
     cmd = ["llama_mimi_full", "--config", "tiny_full"] + overrides(workdir, out, **args)
     last = len(losses_from_log(reference))  # 2 steps an epoch: each rank has half the data
-    killed = run_and_kill(cmd, workdir, out, random_step(3, last - 1), nproc=2)
+    step = random_step(3, last - 1)
+    killed = run_and_kill(cmd, workdir, out, step, nproc=2)
     resumed_from, rest = resumed_equals_uninterrupted(reference, out, cmd, workdir, nproc=2)
     print(
         f"FSDP2: killed after step {killed}, resumed from step_{resumed_from}, {rest} steps equal"
     )
+    assert killed == step and resumed_from == killed - killed % 2  # a checkpoint every 2 steps
 
 
 def test_lora_killed_at_a_random_step_resumes_exactly(workdir):
@@ -332,9 +403,11 @@ def test_lora_killed_at_a_random_step_resumes_exactly(workdir):
         workdir,
     )
     cmd = ["llama_mimi_lora", "--config", "tiny_lora"] + overrides(workdir, out, **args)
-    killed = run_and_kill(cmd, workdir, out, random_step(3, 7))
+    step = random_step(3, 7)
+    killed = run_and_kill(cmd, workdir, out, step)
     resumed_from, rest = resumed_equals_uninterrupted(reference, out, cmd, workdir)
     print(f"LoRA: killed after step {killed}, resumed from step_{resumed_from}, {rest} steps equal")
+    assert killed == step and resumed_from == killed - killed % 2  # a checkpoint every 2 steps
     # a LoRA checkpoint keeps what trains (adapters, audio rows), not the frozen base
     final = last_step_dir(out)
     assert (final / "adapter_model.pt").is_file() and (final / "adapter_config.json").is_file()

@@ -161,37 +161,95 @@ def test_batches_take_jobs_that_fit_in_arrival_order(parts):
         loop.close()
 
 
-def test_batch_of_concurrent_requests_equals_each_alone(parts):
+class HeldWorker:
+    """Holds the server's worker inside its next generation until :meth:`release`, and records
+    the rows of every generation and the jobs queued: a test sets up the queue it needs while
+    the worker is busy, whatever the speed of the machine."""
+
+    def __init__(self, monkeypatch):
+        from llama_mimi_tt import serve
+
+        self.rows, self.submitted = [], []
+        self.held, self.queued = threading.Event(), threading.Condition()
+        self._go = threading.Event()
+        real_generate, real_submit = serve.generate, ContinuationBatcher.submit
+
+        def generate(model, prompts, *args, **kwargs):
+            self.rows.append(len(prompts))
+            self.held.set()
+            assert self._go.wait(timeout=120), "the test never released the worker"
+            return real_generate(model, prompts, *args, **kwargs)
+
+        def submit(batcher, job):
+            real_submit(batcher, job)  # a full queue raises here: not recorded
+            with self.queued:
+                self.submitted.append(job)
+                self.queued.notify_all()
+
+        monkeypatch.setattr(serve, "generate", generate)
+        monkeypatch.setattr(ContinuationBatcher, "submit", submit)
+        self.release()
+
+    def hold(self):
+        self._go.clear()
+        self.held.clear()
+
+    def release(self):
+        self._go.set()
+
+    def wait_queued(self, n):
+        """Until ``n`` jobs in all have been queued."""
+        with self.queued:
+            assert self.queued.wait_for(lambda: len(self.submitted) >= n, timeout=120)
+
+
+def test_batch_of_concurrent_requests_equals_each_alone(parts, monkeypatch):
     asks = [dict(seed=3, seconds=0.8), dict(seed=9, seconds=0.48), dict(seed=3, seconds=0.64)]
     asks = [dict(a, format="float") for a in asks]
     prompts = [wav(1.0, seed=1), wav(0.6, seed=2), wav(1.4, seed=3)]
-    with running(parts, batch_wait_ms=1000) as (url, _):
+    worker = HeldWorker(monkeypatch)
+    with running(parts, batch_wait_ms=0) as (url, _):
         alone = [post(f"{url}/v1/continue", p, **a) for p, a in zip(prompts, asks)]
-        assert httpx.get(f"{url}/health").json()["batches"] == 3
-        together = [None] * 3
+        assert worker.rows == [1, 1, 1]
+        # the worker is held in a generation of other settings (never batched with the three)
+        # until the three are queued: then they are one generation
+        worker.hold()
+        together = [None] * 4
 
         def ask(i):
-            together[i] = post(f"{url}/v1/continue", prompts[i], **asks[i])
+            if i == 3:
+                together[i] = post(f"{url}/v1/continue", wav(0.5), seconds=0.16,
+                                   semantic_temperature=0.5)  # fmt: skip
+            else:
+                together[i] = post(f"{url}/v1/continue", prompts[i], **asks[i])
 
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
-        [t.start() for t in threads]
+        threads = [threading.Thread(target=ask, args=(3,))]
+        threads[0].start()
+        worker.wait_queued(4)  # the holding request first
+        threads += [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        [t.start() for t in threads[1:]]
+        worker.wait_queued(7)
+        worker.release()
         [t.join() for t in threads]
-        health = httpx.get(f"{url}/health").json()
-    assert health["batches"] == 4  # the three arrived together: one generation
+    assert worker.rows == [1, 1, 1, 1, 3]  # the three queued together: one generation
+    assert together[3].status_code == 200
     for a, b, ask_ in zip(alone, together, asks):
         assert a.status_code == b.status_code == 200
         assert read_wav(b.content).shape == (round(ask_["seconds"] * 12.5) * FRAME,)
         assert np.array_equal(read_wav(a.content), read_wav(b.content))  # batched == alone
 
 
-def test_full_queue_503_and_slow_client_stalls_nobody(parts):
+def test_full_queue_503_and_slow_client_stalls_nobody(parts, monkeypatch):
     prompt = wav(0.5)
+    worker = HeldWorker(monkeypatch)
+    worker.hold()  # the streaming request's generation waits until the queue has been full
     with running(parts, max_queue=1, batching=False) as (url, _):
         # a streaming client that reads nothing while the others are served
         slow = httpx.Client(timeout=120)
         with slow.stream(
             "POST", f"{url}/v1/continue/stream", params=dict(seconds=1.6), content=prompt
         ) as s:
+            assert worker.held.wait(timeout=120)  # the worker is generating it, held
             results = {}
 
             def ask(name):
@@ -199,18 +257,19 @@ def test_full_queue_503_and_slow_client_stalls_nobody(parts):
 
             waiting = threading.Thread(target=ask, args=("queued",))
             waiting.start()
-            deadline = time.time() + 30
-            while httpx.get(f"{url}/health").json()["queue"]["waiting"] < 1:
-                assert time.time() < deadline
-                time.sleep(0.05)
+            worker.wait_queued(2)
+            queue = httpx.get(f"{url}/health").json()["queue"]
+            assert queue == {"waiting": 1, "generating": 1}
             full = post(f"{url}/v1/continue", prompt, seconds=0.4)
             assert full.status_code == 503
             assert int(full.headers["retry-after"]) >= 1
             assert "busy" in full.json()["error"] and "max_queue=1" in full.json()["error"]
+            worker.release()
             waiting.join()
             assert results["queued"].status_code == 200  # answered before the slow one read
             got = read_stream(s.iter_lines())
         slow.close()
+    assert worker.rows == [1, 1]  # the 503 never reached the model
     assert got["done"]["frames"] == [20] and got["audio"][0].shape == (20 * FRAME,)
 
 
@@ -386,7 +445,10 @@ def test_page_in_headless_chromium(parts, tmp_path):
     print(f"page: {status}")
     assert error == "" and state is not None
     assert page["samples"] == [20, 20] and page["chunks"] == 40  # 1.6 s = 20 frames x 2
-    assert page["playedUntil"] > 1.6 and page["underruns"] == 0  # played, without a gap
+    # played to the end, and the gaps counted are the gaps reported (how many there are
+    # depends on the machine's speed while it plays: none when generation keeps up)
+    assert page["playedUntil"] > 1.6
+    assert status.endswith(f", {page['underruns']} gap(s) in playback."), status
     assert len(downloads) == 2
 
 
@@ -407,6 +469,24 @@ def flac_silence(seconds: float, sample_rate: int = 8000, claim_frames=None) -> 
     return bytes(data)
 
 
+def read_http_answer(sock: socket.socket) -> str:
+    """One HTTP answer read whole from a socket: its head, then Content-Length bytes of body
+    (which may come in other packets than the head)."""
+
+    def more(data: bytes) -> bytes:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection after {data!r}"
+        return data + chunk
+
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data = more(data)
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", data).group(1))
+    while len(data.split(b"\r\n\r\n", 1)[1]) < length:
+        data = more(data)
+    return data.decode()
+
+
 def test_audio_bombs_lying_headers_unknown_parameters_and_slow_uploads(parts, monkeypatch):
     from llama_mimi_tt import serve
 
@@ -415,7 +495,8 @@ def test_audio_bombs_lying_headers_unknown_parameters_and_slow_uploads(parts, mo
     monkeypatch.setattr(
         serve, "open_audio", lambda *a, **k: opened.append(k["max_samples"]) or real_open(*a, **k)
     )
-    with running(parts, max_prompt_seconds=2, upload_timeout_s=0.5) as (url, app):
+    worker = HeldWorker(monkeypatch)  # never held here: it counts the generations
+    with running(parts, max_prompt_seconds=2) as (url, app):
         # one hour of silence in 85 kB: refused from its header, nothing decoded
         r = post(f"{url}/v1/continue", flac_silence(3600), seconds=0.16)
         assert r.status_code == 422 and "the prompt is 3600.00 s long" in r.json()["error"]
@@ -434,30 +515,22 @@ def test_audio_bombs_lying_headers_unknown_parameters_and_slow_uploads(parts, mo
         assert "semantic_temperature or acoustic_temperature" in error
         r = post(f"{url}/v1/continue/stream", wav(0.5), seconds=1, format="float")
         assert r.status_code == 422 and "'format'" in r.json()["error"]  # /v1/continue's only
+    assert worker.rows == [1]  # only the 1 s prompt reached the model
 
-        # a body that stops arriving: 408 after upload_timeout_s, its temporary file deleted
+    # a body that stops arriving: 408 after upload_timeout_s, its temporary file deleted. (A
+    # server of its own: the uploads above must never meet so short a limit.)
+    with running(parts, upload_timeout_s=0.5) as (url, app):
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=60) as s:
             s.sendall(
                 b"POST /v1/continue?seconds=0.16 HTTP/1.1\r\nHost: x\r\n"
                 b"Content-Length: 100000\r\n\r\n" + wav(0.5)[:1000]
             )
-            answer = read_response(s)
+            answer = read_http_answer(s)
         assert answer.startswith("HTTP/1.1 408") and "upload_timeout_s=0.5" in answer
         assert os.listdir(app.state.upload_dir) == []
-        assert httpx.get(f"{url}/health").json()["served"] == 1
-
-
-def read_response(sock: socket.socket) -> str:
-    """One HTTP response, whole: its headers and its body may arrive in separate reads."""
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
-        if not chunk or (length and len(body) >= int(length.group(1))):
-            return data.decode()
+        assert httpx.get(f"{url}/health").json()["served"] == 0
+    assert worker.rows == [1]
 
 
 def test_finished_requests_are_freed_without_the_cycle_collector(parts, monkeypatch):

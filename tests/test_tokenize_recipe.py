@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +27,25 @@ SECONDS = [0.5, 0.3, 0.6, 0.4]
 
 
 class _LoggingCodec:
-    """The random codec; appends a hash of every waveform to $LMTT_ENCODE_LOG and sleeps
-    $LMTT_SLEEP seconds after each batch (so that a test can kill it mid-run)."""
+    """The random codec; appends a hash of every waveform to $LMTT_ENCODE_LOG. With
+    $LMTT_HOLD_AFTER=n, once n files are encoded, the next batch prints "held after n files"
+    and waits until the process is killed: a test stops a run at a known point, whatever the
+    speed of the machine."""
 
     def __init__(self, codec):
         self.codec = codec
         self.num_quantizers, self.codebook_size = codec.num_quantizers, codec.codebook_size
         self.sample_rate, self.frame_rate = codec.sample_rate, codec.frame_rate
+        self.encoded = 0
 
     def encode_batch(self, waves, sample_rate, batch_size=8):
+        if waves and self.encoded == int(os.environ.get("LMTT_HOLD_AFTER", "-1")):
+            print(f"held after {self.encoded} files", flush=True)
+            threading.Event().wait()
         out = self.codec.encode_batch(waves, sample_rate, batch_size=batch_size)
         with open(os.environ["LMTT_ENCODE_LOG"], "a") as f:
             f.writelines(hashlib.sha1(w.numpy().tobytes()).hexdigest() + "\n" for w in waves)
-        time.sleep(float(os.environ.get("LMTT_SLEEP", "0")))
+        self.encoded += len(waves)
         return out
 
 
@@ -56,20 +62,17 @@ def quick_logging_codec(path="random", num_quantizers=4, device="cpu", seed=0):
     return _LoggingCodec(MimiCodec.random(num_quantizers=num_quantizers, seed=seed, fit_seconds=2))
 
 
-def _args(source, out, codec="logging_codec"):
-    args = ["--config", "tokenize", f"source={source}", f"output_dir={out}"]
-    args += [f"codec._component_=tests.test_tokenize_recipe.{codec}", "codec.path=random"]
-    return args + ["num_quantizers=4", "shard_size=1", "batch_size=1"]
-
-
-def _tune(source, out, log, sleep, codec="logging_codec", prefix=None, **env_extra):
-    cmd = prefix or [TUNE, "run", "llama_mimi_tokenize"]
-    env = dict(os.environ, LMTT_ENCODE_LOG=str(log), LMTT_SLEEP=str(sleep), OMP_NUM_THREADS="1")
-    env.update(env_extra)
+def _tune(source, out, log, codec="logging_codec", prefix=None, **env):
+    """``tune run llama_mimi_tokenize`` (or ``prefix`` + its arguments) with a logging codec;
+    ``env``: its hooks' variables, RANK and WORLD_SIZE."""
+    cmd = (prefix or [TUNE, "run", "llama_mimi_tokenize"]) + ["--config", "tokenize"]
+    cmd += [f"source={source}"]
+    cmd += [f"output_dir={out}", f"codec._component_=tests.test_tokenize_recipe.{codec}"]
+    cmd += ["codec.path=random", "num_quantizers=4", "shard_size=1", "batch_size=1"]
+    env = dict(os.environ, LMTT_ENCODE_LOG=str(log), OMP_NUM_THREADS="1", **env)
     return subprocess.Popen(
-        cmd + _args(source, out, codec), cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_tune_run_killed_then_resumed(tmp_path):
@@ -80,23 +83,29 @@ def test_tune_run_killed_then_resumed(tmp_path):
     (audio / "broken.wav").write_bytes(b"RIFF....WAVE garbage")
     out, log = tmp_path / "cache", tmp_path / "encoded.log"
 
-    # 1. killed (SIGKILL, no cleanup) once the first encoded shard is written (shard 0 is
-    # broken.wav alone: no codes)
-    proc = _tune(audio, out, log, sleep=1.5)
-    deadline = time.time() + 240
-    while not (out / "shard-00001-of-00005.parquet").exists() and proc.poll() is None:
-        assert time.time() < deadline, "no shard written in time"
-        time.sleep(0.2)
+    # 1. killed (SIGKILL, no cleanup) while it encodes its second file: shard 0 is broken.wav
+    # alone (no codes), shard 1 is u0.wav, written; shard 2 (u1.wav) is being encoded
+    proc = _tune(audio, out, log, LMTT_HOLD_AFTER="1")
+    watchdog = threading.Timer(240, proc.kill)  # a run that hangs fails the test
+    watchdog.start()
+    output = ""
+    for line in proc.stdout:
+        output += line
+        if line.endswith("held after 1 files\n"):
+            break
+    watchdog.cancel()
     proc.send_signal(signal.SIGKILL)
-    output = proc.communicate()[0]
-    assert proc.returncode == -signal.SIGKILL, output
+    output += proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL and "held after 1 files" in output, output
     done_at_kill = sorted(p.name for p in out.glob("shard-*.parquet"))
-    assert 1 <= len(done_at_kill) < 5 and not (out / MANIFEST_FILE).exists()
+    assert done_at_kill == ["shard-00000-of-00005.parquet", "shard-00001-of-00005.parquet"]
+    assert not (out / MANIFEST_FILE).exists()
     killed_log = log.read_text().split()
+    assert len(killed_log) == 1
     log.unlink()
 
     # 2. the same command again finishes the job, and only the job that was left
-    proc = _tune(audio, out, log, sleep=0)
+    proc = _tune(audio, out, log)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
     assert f"{len(done_at_kill)} already done, {5 - len(done_at_kill)} to encode" in output
@@ -163,7 +172,7 @@ def test_killed_inside_a_shard_write_then_rerun_finishes_every_shard(tmp_path):
     audio, out, log = tmp_path / "audio", tmp_path / "cache", tmp_path / "encoded.log"
     _write_audio(audio, [0.3] * 5)
     prefix = [sys.executable, "-c", KILLED_IN_A_WRITE]
-    proc = _tune(audio, out, log, sleep=0, codec="quick_logging_codec", prefix=prefix)
+    proc = _tune(audio, out, log, codec="quick_logging_codec", prefix=prefix)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == -signal.SIGKILL, output
     left = [p.name for p in out.iterdir() if ".tmp-" in p.name]
@@ -173,7 +182,7 @@ def test_killed_inside_a_shard_write_then_rerun_finishes_every_shard(tmp_path):
     ]
     log.unlink()
 
-    proc = _tune(audio, out, log, sleep=0, codec="quick_logging_codec")
+    proc = _tune(audio, out, log, codec="quick_logging_codec")
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
     assert "2 already done, 3 to encode" in output and "code cache complete" in output
@@ -192,7 +201,7 @@ def test_two_machines_split_the_work_by_rank(tmp_path):
     _write_audio(audio, [0.3] * 6)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [
-        _tune(audio, out, log, 0, "quick_logging_codec", RANK=str(r), WORLD_SIZE="2")
+        _tune(audio, out, log, "quick_logging_codec", RANK=str(r), WORLD_SIZE="2")
         for r, log in enumerate(logs)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
