@@ -19,7 +19,7 @@ import torch
 from llama_mimi_tt import audio_token_dataset, llama_mimi_tokenizer
 from llama_mimi_tt.audio import load_audio, synthetic_audio
 from llama_mimi_tt.code_cache import MANIFEST_FILE
-from llama_mimi_tt.codec import mimi_codec
+from llama_mimi_tt.codec import MimiCodec
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).with_name("tune"))
@@ -49,25 +49,19 @@ class _LoggingCodec:
         return out
 
 
-def logging_codec(path="random", num_quantizers=4, device="cpu", seed=0):
-    torch.set_num_threads(1)  # small convolutions on a shared machine
-    return _LoggingCodec(mimi_codec(path, num_quantizers, device, seed))
-
-
 def quick_logging_codec(path="random", num_quantizers=4, device="cpu", seed=0):
-    """``logging_codec`` whose random codec fits its codebooks on 2 s of audio (not 20 s)."""
-    from llama_mimi_tt.codec import MimiCodec
-
-    torch.set_num_threads(1)
+    """The logging codec around a random Mimi that fits its codebooks on 2 s of audio (not
+    20 s: quicker, and its codes are still diverse)."""
+    torch.set_num_threads(1)  # small convolutions on a shared machine
     return _LoggingCodec(MimiCodec.random(num_quantizers=num_quantizers, seed=seed, fit_seconds=2))
 
 
-def _tune(source, out, log, codec="logging_codec", prefix=None, **env):
+def _tune(source, out, log, prefix=None, **env):
     """``tune run llama_mimi_tokenize`` (or ``prefix`` + its arguments) with a logging codec;
     ``env``: its hooks' variables, RANK and WORLD_SIZE."""
     cmd = (prefix or [TUNE, "run", "llama_mimi_tokenize"]) + ["--config", "tokenize"]
     cmd += [f"source={source}"]
-    cmd += [f"output_dir={out}", f"codec._component_=tests.test_tokenize_recipe.{codec}"]
+    cmd += [f"output_dir={out}", "codec._component_=tests.test_tokenize_recipe.quick_logging_codec"]
     cmd += ["codec.path=random", "num_quantizers=4", "shard_size=1", "batch_size=1"]
     env = dict(os.environ, LMTT_ENCODE_LOG=str(log), OMP_NUM_THREADS="1", **env)
     return subprocess.Popen(
@@ -124,7 +118,7 @@ def test_tune_run_killed_then_resumed(tmp_path):
     assert info["skipped_by_reason"] == {"unreadable": 1}
 
     # 3. the cache holds exactly the codes of encoding each file directly
-    codec = logging_codec().codec
+    codec = quick_logging_codec().codec
     files = sorted(audio.glob("u*.wav"))
     rows = {}
     for shard in sorted(out.glob("shard-*.parquet")):
@@ -137,6 +131,7 @@ def test_tune_run_killed_then_resumed(tmp_path):
         stored = np.asarray(r["codes"], dtype=np.int64).reshape(4, r["num_frames"])
         assert np.array_equal(stored, direct.numpy()), f
         assert r["path"] == str(f.resolve()) and abs(r["duration"] - sf.info(f).duration) < 1e-3
+    assert len({c for r in rows.values() for c in r["codes"]}) > 50  # diverse codes
 
     # 4. and reads as a dataset
     tok = llama_mimi_tokenizer("builtin:byte", num_quantizers=4)
@@ -172,7 +167,7 @@ def test_killed_inside_a_shard_write_then_rerun_finishes_every_shard(tmp_path):
     audio, out, log = tmp_path / "audio", tmp_path / "cache", tmp_path / "encoded.log"
     _write_audio(audio, [0.3] * 5)
     prefix = [sys.executable, "-c", KILLED_IN_A_WRITE]
-    proc = _tune(audio, out, log, codec="quick_logging_codec", prefix=prefix)
+    proc = _tune(audio, out, log, prefix=prefix)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == -signal.SIGKILL, output
     left = [p.name for p in out.iterdir() if ".tmp-" in p.name]
@@ -182,7 +177,7 @@ def test_killed_inside_a_shard_write_then_rerun_finishes_every_shard(tmp_path):
     ]
     log.unlink()
 
-    proc = _tune(audio, out, log, codec="quick_logging_codec")
+    proc = _tune(audio, out, log)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
     assert "2 already done, 3 to encode" in output and "code cache complete" in output
@@ -200,10 +195,7 @@ def test_two_machines_split_the_work_by_rank(tmp_path):
     audio, out = tmp_path / "audio", tmp_path / "cache"
     _write_audio(audio, [0.3] * 6)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [
-        _tune(audio, out, log, "quick_logging_codec", RANK=str(r), WORLD_SIZE="2")
-        for r, log in enumerate(logs)
-    ]
+    procs = [_tune(audio, out, log, RANK=str(r), WORLD_SIZE="2") for r, log in enumerate(logs)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     for r, o in enumerate(outputs):
