@@ -9,8 +9,8 @@ cache without expanding its heads (fused_layers.py uses it). The C file is compi
 use into ``$XDG_CACHE_HOME/llama_mimi_tt`` (keyed by its hash) and called through ctypes,
 wrapped as torch custom ops so that ``torch.compile`` keeps them in its graph.
 ``available(kernel)`` is False where the CPU lacks the instructions, gcc is missing or the
-build fails; quantize then uses PyTorch's or torchao's. ``LLAMA_MIMI_NO_CPU_KERNELS=1`` turns
-them all off.
+build fails (each said once per process, in one logged line); quantize then uses PyTorch's or
+torchao's code. ``LLAMA_MIMI_CPU_KERNELS=0`` turns them all off (read at each call).
 """
 
 import ctypes
@@ -29,6 +29,7 @@ from torchtune.utils import get_logger
 
 GROUP_SIZE = 128  # columns per int4 scale and zero, and per int8 activation scale
 SOURCE = Path(__file__).with_name("kernels") / "cpu_matmul.c"
+SWITCH = "LLAMA_MIMI_CPU_KERNELS"  # 0: our kernels off, PyTorch's and torchao's code instead
 log = get_logger("INFO")
 
 CPU_FLAGS = {  # what each kernel needs from /proc/cpuinfo
@@ -69,14 +70,32 @@ def _cache_dir() -> Path:
     return Path(root) / "llama_mimi_tt"
 
 
+def enabled() -> bool:
+    """Whether our kernels may run: not when ``LLAMA_MIMI_CPU_KERNELS=0``. Read at each call,
+    so that the switch takes effect for the next model quantized."""
+    if os.environ.get("LLAMA_MIMI_NO_CPU_KERNELS"):  # the old name of the switch
+        _say_once("LLAMA_MIMI_NO_CPU_KERNELS is no longer read: set LLAMA_MIMI_CPU_KERNELS=0")
+    return os.environ.get(SWITCH, "1").strip() != "0"
+
+
+_SAID: set = set()
+
+
+def _say_once(message: str) -> None:
+    """Logs ``message`` the first time only (a fallback is said once per process)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning(message)
+
+
 @functools.lru_cache(maxsize=1)
 def _library() -> Optional[ctypes.CDLL]:
-    """The built kernels, or None where none can run here (no AVX-512, no gcc, build failed)."""
-    if (
-        os.environ.get("LLAMA_MIMI_NO_CPU_KERNELS")
-        or not any(available_on_cpu(kernel) for kernel in CPU_FLAGS)
-        or not shutil.which("gcc")
-    ):
+    """The built kernels, or None (said once) where they cannot be built or loaded."""
+    if not shutil.which("gcc"):
+        _say_once(
+            "our CPU kernels are off: gcc is not installed (they are compiled on first use); "
+            "PyTorch's and torchao's code runs instead"
+        )
         return None
     source = SOURCE.read_bytes()
     lib = _cache_dir() / f"cpu_matmul-{hashlib.sha1(source).hexdigest()[:12]}.so"
@@ -85,10 +104,10 @@ def _library() -> Optional[ctypes.CDLL]:
             _build(lib)
         so = ctypes.CDLL(str(lib))
     except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", None) or str(e)
-        log.warning(
-            f"the CPU kernels could not be built ({detail.strip()[:300]}); quantize uses "
-            "PyTorch's and torchao's"
+        detail = " ".join((getattr(e, "stderr", None) or str(e)).split())
+        _say_once(
+            f"our CPU kernels are off: building {lib} failed ({detail[:300]}); PyTorch's and "
+            "torchao's code runs instead"
         )
         return None
     for name, argtypes in _SIGNATURES.items():
@@ -113,8 +132,18 @@ def available_on_cpu(kernel: str) -> bool:
 
 
 def available(kernel: str = "int4") -> bool:
-    """Whether ``kernel`` (int4, int8, bf16, fp32 or attention) runs on this machine."""
-    return available_on_cpu(kernel) and _library() is not None
+    """Whether ``kernel`` (int4, int8, bf16, fp32 or attention) runs here: the switch is on,
+    the CPU has its instructions and the kernels are built. Why not is logged once."""
+    if not enabled():
+        return False
+    missing = [flag for flag in CPU_FLAGS[kernel] if flag not in _cpu_flags()]
+    if missing:
+        _say_once(
+            f"our {kernel} CPU kernel is off: this CPU lacks {', '.join(missing)}; PyTorch's "
+            "or torchao's code runs instead"
+        )
+        return False
+    return _library() is not None
 
 
 def in_huge_pages(t: torch.Tensor) -> torch.Tensor:

@@ -226,8 +226,16 @@ def test_huge_page_copies_hold_the_same_values():
         assert h.data_ptr() % mmap.PAGESIZE == 0  # its own anonymous mapping
 
 
+def test_the_switch_turns_every_kernel_off_at_the_next_call(monkeypatch):
+    on = {kind: cpu_kernels.available(kind) for kind in cpu_kernels.CPU_FLAGS}
+    monkeypatch.setenv("LLAMA_MIMI_CPU_KERNELS", "0")
+    assert not any(cpu_kernels.available(kind) for kind in cpu_kernels.CPU_FLAGS)
+    monkeypatch.setenv("LLAMA_MIMI_CPU_KERNELS", "1")
+    assert {kind: cpu_kernels.available(kind) for kind in cpu_kernels.CPU_FLAGS} == on
+
+
 @needs["int4"]
-def test_an_unusable_cache_folder_falls_back_to_torchao(tmp_path, monkeypatch):
+def test_an_unusable_cache_folder_falls_back_with_one_logged_line(tmp_path, monkeypatch, caplog):
     from llama_mimi_tt.quantize import parse_quantize
 
     blocker = tmp_path / "a_file"
@@ -235,10 +243,15 @@ def test_an_unusable_cache_folder_falls_back_to_torchao(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the kernels cannot be built under it
     cpu_kernels._library.cache_clear()
     try:
-        assert not cpu_kernels.available("int4")
-        for precision in ("bf16", "int8", "int4"):
-            assert not parse_quantize(precision).uses_cpu_kernel(torch.device("cpu"))
+        with caplog.at_level("WARNING"):
+            assert not cpu_kernels.available("int4")
+            for precision in ("bf16", "int8", "int4"):
+                assert not parse_quantize(precision).uses_cpu_kernel(torch.device("cpu"))
+            cpu_kernels._library.cache_clear()  # a second attempt fails the same way, unsaid
+            assert not cpu_kernels.available("int8")
     finally:
         monkeypatch.undo()
         cpu_kernels._library.cache_clear()
+    said = [r.getMessage() for r in caplog.records if str(blocker) in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("our CPU kernels are off: building"), said
     assert cpu_kernels.available("int4")

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_mimi_tt import cpu_kernels
 from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.generation import SamplingParams, generate
 from llama_mimi_tt.models import llama_mimi_tiny
@@ -47,7 +46,7 @@ BOUNDS = {
     "int4": (0.6, 5e-3, 0.5),
 }
 # each precision on our CPU kernels where this CPU has them, and on PyTorch's / torchao's
-# ("-torch": LLAMA_MIMI_NO_CPU_KERNELS=1), which every other machine uses
+# ("-torch": LLAMA_MIMI_CPU_KERNELS=0), which every other machine uses
 ROUTES = ["none", "bf16", "bf16-torch", "int8", "int8-torch", "int4", "int4-torch"]
 
 
@@ -80,12 +79,10 @@ def quantized(request):
     precision = request.param.split("-")[0]
     with pytest.MonkeyPatch.context() as mp:
         if request.param.endswith("-torch"):
-            mp.setenv("LLAMA_MIMI_NO_CPU_KERNELS", "1")
-        cpu_kernels._library.cache_clear()
+            mp.setenv("LLAMA_MIMI_CPU_KERNELS", "0")
         spec = parse_quantize(precision)
         ours = spec.uses_cpu_kernel(CPU)
         model = quantize_model(tiny(), spec, CPU)
-    cpu_kernels._library.cache_clear()
     return precision, model, ours
 
 
