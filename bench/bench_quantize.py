@@ -101,8 +101,7 @@ def _builder(num_layers, max_seq_len):
 
 def build_precision(fp32_model, precision, device, num_layers=None):
     """A copy of the fp32 model in the precision's activation dtype (bf16, or fp32 on our CPU
-    kernels; none: fp32), then ``quantize_model`` (none on our CPU kernels: the fused layers
-    and our fp32 kernel)."""
+    kernels; none: fp32), then ``quantize_model``."""
     spec = parse_quantize(precision)
     dtype = spec.activation_dtype(device) or torch.float32
     with training.set_default_dtype(dtype), torch.device("meta"):

@@ -3,8 +3,7 @@
 Batch-1 decoding is one matrix-vector product per linear layer, so its speed is the rate at
 which the weights stream from memory. PyTorch's CPU kernels read them at 10-20 GB/s on a
 2-core AVX-512 machine where a plain read reaches 25-30 GB/s; ours stream int4 and int8 weights
-through VNNI's ``vpdpbusd``, bf16 weights through ``vdpbf16ps`` and fp32 weights at the read
-rate (bench/RESULTS.md). ``decode_attention`` attends one query per sequence over a grouped-query KV
+through VNNI's ``vpdpbusd`` and bf16 weights through ``vdpbf16ps`` (bench/RESULTS.md). ``decode_attention`` attends one query per sequence over a grouped-query KV
 cache without expanding its heads (fused_layers.py uses it). The C file is compiled on first
 use into ``$XDG_CACHE_HOME/llama_mimi_tt`` (keyed by its hash) and called through ctypes,
 wrapped as torch custom ops so that ``torch.compile`` keeps them in its graph.
@@ -36,7 +35,6 @@ CPU_FLAGS = {  # what each kernel needs from /proc/cpuinfo
     "int4": ("avx512f", "avx512bw", "avx512_vnni"),
     "int8": ("avx512f", "avx512bw", "avx512_vnni"),
     "bf16": ("avx512f", "avx512bw", "avx512_bf16"),
-    "fp32": ("avx512f",),
     "attention": ("avx512f",),  # decode_attention, and the eager rms_norm and rope
 }
 GCC_FLAGS = [
@@ -48,7 +46,6 @@ _SIGNATURES = {  # (pointers and ints of each C function, in order)
     "int4_matmul": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
     "int8_matmul": [_P, _I, _I, _P, _P, _I, _P, _I],
     "bf16_matmul": [_P, _I, _I, _P, _I, _P, _I],
-    "fp32_matmul": [_P, _I, _I, _P, _I, _P, _I],
     "rms_norm": [_P, _I, _I, _P, ctypes.c_float, _P],
     "rope": [_P, _I, _I, _I, _I, ctypes.c_long, ctypes.c_long, _P, _I, _P, _P],
     "decode_attention": [_P, _I, _I, _I, _I, _P, _P, _I, _P, ctypes.c_float, _P, _I],
@@ -126,13 +123,13 @@ def _build(lib: Path) -> None:
 
 
 def available_on_cpu(kernel: str) -> bool:
-    """Whether this CPU has the instructions that ``kernel`` needs (int4, int8, bf16, fp32,
+    """Whether this CPU has the instructions that ``kernel`` needs (int4, int8, bf16,
     attention)."""
     return all(flag in _cpu_flags() for flag in CPU_FLAGS[kernel])
 
 
 def available(kernel: str = "int4") -> bool:
-    """Whether ``kernel`` (int4, int8, bf16, fp32 or attention) runs here: the switch is on,
+    """Whether ``kernel`` (int4, int8, bf16 or attention) runs here: the switch is on,
     the CPU has its instructions and the kernels are built. Why not is logged once."""
     if not enabled():
         return False
@@ -270,14 +267,6 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype != torch.bfloat16:
         raise ValueError(f"bf16_matmul needs a bf16 weight, not {weight.dtype}")
     return _run("bf16_matmul", x, weight, weight.shape[1])
-
-
-@_op(_matmul_fake)
-def fp32_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for a float32 weight ``[N, K]``."""
-    if weight.dtype != torch.float32:
-        raise ValueError(f"fp32_matmul needs a float32 weight, not {weight.dtype}")
-    return _run("fp32_matmul", x, weight, weight.shape[1])
 
 
 @_op(lambda q, k, v, valid, scale: torch.empty_like(q))

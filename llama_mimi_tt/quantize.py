@@ -7,7 +7,7 @@ CPU kernels, else bf16): bf16 2 bytes per weight, int8 1 (a scale per output row
 (+ a scale and zero per group of ``quantize_group_size`` columns). On CPUs with AVX-512 the
 decode steps run on our matrix-vector kernels (cpu_kernels.py), which stream the weights
 1.5-2x faster than PyTorch's: :class:`Bf16Linear`, :class:`Int8Linear` and
-:class:`Int4Linear` (and :class:`Fp32Linear` for ``none`` on an fp32 model), in layers whose
+:class:`Int4Linear`, in layers whose
 q/k/v and gate/up projections are fused and whose decode steps attend with our grouped-query
 kernel (fused_layers.py): four kernel calls a layer instead of seven. Elsewhere bf16 is
 ``F.linear``, int8 aten's ``_weight_int8pack_mm`` (torchao's ``Int8WeightOnlyConfig`` on CUDA)
@@ -54,8 +54,6 @@ class QuantSpec:
 
     def describe(self, device: Optional[torch.device] = None) -> str:
         """One line for logs and summaries, e.g. ``int8 (per-row scales), bf16 activations``."""
-        if self.precision == "none" and self.uses_cpu_kernel(device):
-            return "none (weights as loaded; fp32 ones run decode steps on our AVX-512 kernel)"
         if self.precision == "none":
             return "none (weights as loaded)"
         if self.uses_cpu_kernel(device):
@@ -75,12 +73,12 @@ class QuantSpec:
 
     def uses_cpu_kernel(self, device: Optional[torch.device]) -> bool:
         """Whether the decoder layers run on our CPU kernels (cpu_kernels.py) rather than
-        PyTorch's or torchao's (int4: group 128 only; none: fp32 weights only)."""
-        kernel = "fp32" if self.precision == "none" else self.precision
+        PyTorch's or torchao's (int4: group 128 only; none: never, the model runs as loaded)."""
         return (
-            (device is None or device.type == "cpu")
+            self.precision != "none"
+            and (device is None or device.type == "cpu")
             and (self.precision != "int4" or self.group_size == cpu_kernels.GROUP_SIZE)
-            and cpu_kernels.available(kernel)
+            and cpu_kernels.available(self.precision)
         )
 
 
@@ -140,17 +138,6 @@ class Bf16Linear(nn.Linear):
         dense = cpu_kernels.in_huge_pages(weight.to(cls.weight_dtype))
         layer.weight = nn.Parameter(dense, requires_grad=False)
         return layer
-
-
-class Fp32Linear(Bf16Linear):
-    """:class:`Bf16Linear` for an fp32 weight (``quantize: none`` on a CPU with AVX-512): decode
-    steps on our fp32 kernel, which streams the weight about 1.7x faster than PyTorch's."""
-
-    weight_dtype = torch.float32
-
-    @staticmethod
-    def _kernel(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.fp32_matmul(x, weight)
 
 
 class Int8Linear(nn.Module):
@@ -225,12 +212,6 @@ def _replace_linears(model: nn.Module, make) -> None:
         setattr(model.get_submodule(parent_name), child, make(lin.weight))
 
 
-def _fp32_layers(model: nn.Module) -> bool:
-    """Whether every linear layer of the decoder layers holds an fp32 weight."""
-    linears = _layer_linears(model)
-    return bool(linears) and all(m.weight.dtype == torch.float32 for _, m in linears)
-
-
 def _layer_linears(model: nn.Module):
     """``(name, module)`` of every ``nn.Linear`` inside ``model.layers``."""
     layers = getattr(model, "layers", None)
@@ -291,9 +272,8 @@ def _int4_config(spec: QuantSpec, device: torch.device):
 def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> nn.Module:
     """Applies ``spec`` to a loaded torchtune decoder in place and returns it.
 
-    ``none`` keeps the weights as they are; on our CPU kernels an fp32 model's layers are fused
-    and its linear layers become :class:`Fp32Linear` (same weights, our kernel for decode
-    steps). Every other precision casts the whole model to its
+    ``none`` leaves the model as it was loaded (PyTorch's own code). Every other precision casts
+    the whole model to its
     ``activation_dtype`` (the activations, norms, embedding, output projection and KV cache
     follow it: fp32 on our CPU kernels, else bf16), then replaces the decoder layers' linear
     layers: on our CPU kernels by :class:`Bf16Linear`, :class:`Int8Linear` or
@@ -305,9 +285,6 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
     """
     check_quantizable(model, spec, device)
     if spec.precision == "none":
-        if spec.uses_cpu_kernel(device) and _fp32_layers(model):
-            fuse_layers(model)
-            _replace_linears(model, Fp32Linear.of)
         return model
     model.to(device=device, dtype=spec.activation_dtype(device))
     if spec.uses_cpu_kernel(device):

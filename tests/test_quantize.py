@@ -21,7 +21,6 @@ from llama_mimi_tt.generation import SamplingParams, generate
 from llama_mimi_tt.models import llama_mimi_tiny
 from llama_mimi_tt.quantize import (
     Bf16Linear,
-    Fp32Linear,
     Int4Linear,
     Int8Linear,
     QuantSpec,
@@ -40,7 +39,7 @@ CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
 # precision: (max |logit - fp32 logit|, mean KL(fp32 || precision), top-1 agreement at least)
 BOUNDS = {
-    "none": (1e-4, 1e-9, 1.0),  # fp32 on our kernel: only the order of the sums differs
+    "none": (0.0, 0.0, 1.0),  # the model as loaded: PyTorch's code, the same logits
     "bf16": (0.03, 1e-5, 0.9),
     "int8": (0.05, 5e-5, 0.9),
     "int4": (0.6, 5e-3, 0.5),
@@ -93,8 +92,8 @@ def test_logits_close_to_fp32(quantized, reference):
         logits = model(ids).float()
     max_diff, max_kl, min_top1 = BOUNDS[precision]
     kl = F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
-    assert (logits - ref).abs().max() < max_diff
-    assert kl.sum(-1).mean() < max_kl
+    assert (logits - ref).abs().max() <= max_diff
+    assert kl.sum(-1).mean() <= max_kl
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= min_top1
 
 
@@ -114,9 +113,8 @@ def test_weights_are_stored_in_the_precision(quantized):
     assert next(model.tok_embeddings.parameters()).dtype == activations
     attn = model.layers[0].attn  # on our kernels q, k and v are one projection (fused_layers)
     q_proj = attn.qkv_proj if ours else attn.q_proj
-    if precision == "none":
-        assert type(q_proj) is (Fp32Linear if ours else nn.Linear)
-        assert q_proj.weight.dtype == torch.float32
+    if precision == "none":  # the model as loaded, on every machine
+        assert not ours and type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.float32
     if precision == "bf16":
         assert type(q_proj) is (Bf16Linear if ours else nn.Linear)
         assert q_proj.weight.dtype == torch.bfloat16

@@ -1,5 +1,5 @@
 /* y[m, n] = sum_k x[m, k] * w[n, k] for batch-1 decoding on AVX-512 CPUs: int4 and int8 weights
- * (VNNI), bf16 weights (AVX512_BF16) and fp32 weights. Each weight row is read once from memory and reused from
+ * (VNNI) and bf16 weights (AVX512_BF16). Each weight row is read once from memory and reused from
  * L1 for every row of x, and rows are split over OpenMP threads: a matrix-vector product streams
  * the weights at close to the memory bandwidth, which sets the speed of decoding.
  *
@@ -13,7 +13,6 @@
  *   int4: y[m, n] = sum_g s[n, g] * sx[m, g] * (sum_k q[n, k] * xq[m, k] - z[n, g] * sum_k xq[m, k])
  *   int8: y[m, n] = s[n] * sum_g sx[m, g] * (sum_k u[n, k] * xq[m, k] - 128 * sum_k xq[m, k])
  * bf16: x rounded to bf16 (round to nearest even), products summed in fp32 by vdpbf16ps.
- * fp32: plain fp32 products and sums (the order of the sums differs from PyTorch's).
  * Every matmul returns 0, or 1 for a K that is not a multiple of 128, 2 when out of memory.
  * The int4 kernel takes the scales 16 groups at a time and sums the zero corrections as one
  * vector per row, which keeps its inner loop at about 10 instructions per 64 bytes: 34-41 GB/s
@@ -184,26 +183,6 @@ int bf16_matmul(const float *x, int m, int k, const uint16_t *w, int n, float *y
         }
     }
     free(xb);
-    return 0;
-}
-
-int fp32_matmul(const float *x, int m, int k, const float *w, int n, float *y, int threads) {
-    if (k % GROUP) return 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int row = 0; row < n; row++) {
-        const float *wr = w + (size_t)row * k;
-        for (int r = 0; r < m; r++) {
-            const float *xr = x + (size_t)r * k;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                             _mm512_setzero_ps()};
-            for (int i = 0; i < k; i += 64) /* 4 x 16 columns, 4 independent sums */
-                for (int j = 0; j < 4; j++)
-                    acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i + 16 * j),
-                                             _mm512_loadu_ps(xr + i + 16 * j), acc[j]);
-            __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-            y[(size_t)r * n + row] = _mm512_reduce_add_ps(sum);
-        }
-    }
     return 0;
 }
 
