@@ -3,7 +3,8 @@
 Batch-1 decoding is one matrix-vector product per linear layer, so its speed is the rate at
 which the weights stream from memory. PyTorch's CPU kernels read them at 10-20 GB/s on a
 2-core AVX-512 machine where a plain read reaches 25-30 GB/s; ours stream int4 and int8 weights
-through VNNI's ``vpdpbusd`` and bf16 weights through ``vdpbf16ps`` (bench/RESULTS.md). ``decode_attention`` attends one query per sequence over a grouped-query KV
+with fp32 activations (AVX-512F; ``int4``, ``int8``) or int8 activations (VNNI's ``vpdpbusd``;
+``w4a8``, ``w8a8``) and bf16 weights through ``vdpbf16ps`` (bench/RESULTS.md). ``decode_attention`` attends one query per sequence over a grouped-query KV
 cache without expanding its heads (fused_layers.py uses it). The C file is compiled on first
 use into ``$XDG_CACHE_HOME/llama_mimi_tt`` (keyed by its hash) and called through ctypes,
 wrapped as torch custom ops so that ``torch.compile`` keeps them in its graph.
@@ -32,8 +33,10 @@ SWITCH = "LLAMA_MIMI_CPU_KERNELS"  # 0: our kernels off, PyTorch's and torchao's
 log = get_logger("INFO")
 
 CPU_FLAGS = {  # what each kernel needs from /proc/cpuinfo
-    "int4": ("avx512f", "avx512bw", "avx512_vnni"),
-    "int8": ("avx512f", "avx512bw", "avx512_vnni"),
+    "int4": ("avx512f",),
+    "int8": ("avx512f",),
+    "w4a8": ("avx512f", "avx512bw", "avx512_vnni"),
+    "w8a8": ("avx512f", "avx512bw", "avx512_vnni"),
     "bf16": ("avx512f", "avx512bw", "avx512_bf16"),
     "attention": ("avx512f",),  # decode_attention, and the eager rms_norm and rope
 }
@@ -44,7 +47,9 @@ GCC_FLAGS = [
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {  # (pointers and ints of each C function, in order)
     "int4_matmul": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
-    "int8_matmul": [_P, _I, _I, _P, _P, _I, _P, _I],
+    "int8_matmul": [_P, _I, _I, _P, _I, _P, _I],
+    "w4a8_matmul": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
+    "w8a8_matmul": [_P, _I, _I, _P, _P, _I, _P, _I],
     "bf16_matmul": [_P, _I, _I, _P, _I, _P, _I],
     "rms_norm": [_P, _I, _I, _P, ctypes.c_float, _P],
     "rope": [_P, _I, _I, _I, _I, ctypes.c_long, ctypes.c_long, _P, _I, _P, _P],
@@ -123,13 +128,12 @@ def _build(lib: Path) -> None:
 
 
 def available_on_cpu(kernel: str) -> bool:
-    """Whether this CPU has the instructions that ``kernel`` needs (int4, int8, bf16,
-    attention)."""
+    """Whether this CPU has the instructions that ``kernel`` needs (a key of CPU_FLAGS)."""
     return all(flag in _cpu_flags() for flag in CPU_FLAGS[kernel])
 
 
 def available(kernel: str = "int4") -> bool:
-    """Whether ``kernel`` (int4, int8, bf16 or attention) runs here: the switch is on,
+    """Whether ``kernel`` (int4, int8, w4a8, w8a8, bf16 or attention) runs here: the switch is on,
     the CPU has its instructions and the kernels are built. Why not is logged once."""
     if not enabled():
         return False
@@ -248,16 +252,32 @@ def _op(fake):
 def int4_matmul(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> torch.Tensor:
-    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for ``pack_int4``'s weight; x is quantized to
-    int8 per group of 128."""
+    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for ``pack_int4``'s weight, dequantized in fp32
+    (``unpack_int4``'s values); x stays fp32, products summed in fp32."""
     return _run("int4_matmul", x, packed, 2 * packed.shape[1], scales, zeros)
 
 
 @_op(_matmul_fake)
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ q.T`` as float32 ``[M, N]`` for ``pack_int8``'s int8 weight ``q``, without
+    its scales (the caller applies them); x stays fp32, products summed in fp32."""
+    return _run("int8_matmul", x, weight, weight.shape[1])
+
+
+@_op(_matmul_fake)
+def w4a8_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for ``pack_int4``'s weight; x is quantized to
+    int8 per group of 128 (quantize.quantize_activations) and the products summed as integers."""
+    return _run("w4a8_matmul", x, packed, 2 * packed.shape[1], scales, zeros)
+
+
+@_op(_matmul_fake)
+def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x [M, K] @ w.T`` as float32 ``[M, N]`` for ``pack_int8``'s weight; x is quantized to
-    int8 per group of 128."""
-    return _run("int8_matmul", x, weight, weight.shape[1], scales)
+    int8 per group of 128 (quantize.quantize_activations) and the products summed as integers."""
+    return _run("w8a8_matmul", x, weight, weight.shape[1], scales)
 
 
 @_op(_matmul_fake)

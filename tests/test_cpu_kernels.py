@@ -1,5 +1,6 @@
-"""Our CPU kernels (int4, int8, bf16 matmuls; the decode attention): the packings round-trip,
-each matmul equals the dequantized weight's within its activation rounding, the attention equals
+"""Our CPU kernels (int4, int8, w4a8, w8a8, bf16 matmuls; the decode attention): the packings
+round-trip, each matmul equals the dequantized weight's within its activation rounding, the
+int8-activation ones equal the same arithmetic in PyTorch, the attention equals
 PyTorch's SDPA over the expanded heads, threads change nothing, bad shapes are clear errors,
 torch.compile keeps them in one graph, and weights land in huge pages."""
 
@@ -26,12 +27,16 @@ def weight(n=48, k=256, seed=0):
 
 def packed(kind, w):
     """``(call, dequantized weight)`` of ``w`` in the kernel ``kind``'s format."""
-    if kind == "int4":
+    if kind in ("int4", "w4a8"):
         p = cpu_kernels.pack_int4(w)
-        return (lambda x: cpu_kernels.int4_matmul(x, *p)), cpu_kernels.unpack_int4(*p)
-    if kind == "int8":
+        matmul = getattr(cpu_kernels, f"{kind}_matmul")
+        return (lambda x: matmul(x, *p)), cpu_kernels.unpack_int4(*p)
+    if kind == "int8":  # the sums without the scales
         q, scales = cpu_kernels.pack_int8(w)
-        return (lambda x: cpu_kernels.int8_matmul(x, q, scales)), q.float() * scales[:, None]
+        return (lambda x: cpu_kernels.int8_matmul(x, q) * scales), q.float() * scales[:, None]
+    if kind == "w8a8":
+        q, scales = cpu_kernels.pack_int8(w)
+        return (lambda x: cpu_kernels.w8a8_matmul(x, q, scales)), q.float() * scales[:, None]
     b = w.to(torch.bfloat16)
     return (lambda x: cpu_kernels.bf16_matmul(x, b)), b.float()
 
@@ -57,12 +62,14 @@ def test_int8_packing_round_trips_within_half_a_step():
     assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
 
 
-# relative error against the dequantized weight: int8 activations per group of 128 (int4,
-# int8; about 0.6% measured) or bf16 activations (bf16; about 0.3%)
-TOLERANCE = {"int4": 0.02, "int8": 0.02, "bf16": 0.01}
+# relative error against the dequantized weight: none but the order of fp32 sums (int4, int8),
+# int8 activations per group of 128 (w4a8, w8a8; about 0.6% measured) or bf16 activations
+# (bf16; about 0.3%)
+TOLERANCE = {"int4": 1e-6, "int8": 1e-6, "w4a8": 0.02, "w8a8": 0.02, "bf16": 0.01}
+KINDS = list(TOLERANCE)
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m", [1, 3])
 def test_matmul_equals_the_dequantized_weight(kind, m):
     if not cpu_kernels.available(kind):
@@ -78,7 +85,7 @@ def test_matmul_equals_the_dequantized_weight(kind, m):
         assert rel < TOLERANCE[kind], float(rel)
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_threads_do_not_change_the_result(kind):
     if not cpu_kernels.available(kind):
         pytest.skip(f"this CPU or machine cannot run the {kind} kernel")
@@ -95,6 +102,23 @@ def test_threads_do_not_change_the_result(kind):
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("kind", ["w4a8", "w8a8"])
+def test_int8_activation_kernels_equal_their_pytorch_arithmetic(kind):
+    """The kernels and quantize's PyTorch route quantize the activations alike and sum the same
+    integer products: they differ only in the order of the fp32 sums of scaled terms."""
+    from llama_mimi_tt.quantize import W4A8Linear, W8A8Linear
+
+    if not cpu_kernels.available(kind):
+        pytest.skip(f"this CPU or machine cannot run the {kind} kernel")
+    layer = {"w4a8": W4A8Linear, "w8a8": W8A8Linear}[kind](weight(n=64, k=512, seed=7))
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(8))
+    x[1, 128:256] = 0.0  # an all-zero group
+    x[2, :128] *= 100.0  # a group with a large scale beside small ones
+    ours = layer(x)
+    layer.cpu_kernel = False
+    torch.testing.assert_close(ours, layer(x), rtol=1e-5, atol=1e-5)
+
+
 @needs["int4"]
 def test_a_bad_shape_is_refused():
     p = cpu_kernels.pack_int4(weight())
@@ -102,7 +126,7 @@ def test_a_bad_shape_is_refused():
         cpu_kernels.int4_matmul(torch.randn(1, 200), *p)
     q, scales = cpu_kernels.pack_int8(weight(k=200 + 56))
     with pytest.raises(ValueError, match=r"x has shape \(1, 128\); the int8 weight has 256"):
-        cpu_kernels.int8_matmul(torch.randn(1, 128), q, scales)
+        cpu_kernels.int8_matmul(torch.randn(1, 128), q)
     with pytest.raises(ValueError, match="needs a bf16 weight, not torch.float32"):
         cpu_kernels.bf16_matmul(torch.randn(1, 256), weight())
     # a weight moved off the CPU after quantizing (the op itself would take the meta path)
@@ -110,13 +134,16 @@ def test_a_bad_shape_is_refused():
         cpu_kernels._run("int8_matmul", torch.randn(1, 256), q.to("meta"), 256, scales)
 
 
-@needs["int8"]
+@needs["w8a8"]
 @needs["bf16"]
 def test_compiled_layers_keep_the_kernels_in_one_graph():
-    from llama_mimi_tt.quantize import Bf16Linear, Int4Linear, Int8Linear
+    from llama_mimi_tt.quantize import Bf16Linear, Int4Linear, Int8Linear, W4A8Linear, W8A8Linear
 
     w = weight(n=256, k=256)
-    layers = torch.nn.Sequential(Int4Linear(w), Int8Linear(w), Bf16Linear.of(w)).eval()
+    layers = torch.nn.Sequential(
+        Int4Linear(w), Int8Linear(w), W4A8Linear(w), W8A8Linear(w), Bf16Linear.of(w)
+    ).eval()
+    assert all(layer.cpu_kernel for layer in layers)
     x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         eager = layers(x)

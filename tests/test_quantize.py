@@ -1,10 +1,11 @@
-"""``quantize: none | bf16 | int8 | int4``: logits close to fp32, generate and eval run, batch ==
-single, the recipes report the precision, bad values are clear errors.
+"""``quantize: none | bf16 | int8 | int4 | w8a8 | w4a8``: logits close to fp32, generate and eval
+run, batch == single, the recipes report the precision, bad values are clear errors.
 
 The tiny model (4 layers, 128 wide, MLP 384, k/v 64 rows) with N(0, 0.02) weights: every linear
 layer has in_features a multiple of 128 and out_features a multiple of 16, so int4 with group
 size 128 applies to it. Its logits reach about +-1.5, the logit differences below are measured
-(bf16 0.010, int8 0.020, int4 0.28) with about 2x headroom.
+(bf16 0.010, int8 0.020, int4 0.28; w8a8 and w4a8 as int8 and int4 were with int8 activations)
+with about 2x headroom.
 """
 
 import json
@@ -21,9 +22,12 @@ from llama_mimi_tt.generation import SamplingParams, generate
 from llama_mimi_tt.models import llama_mimi_tiny
 from llama_mimi_tt.quantize import (
     Bf16Linear,
+    InBf16,
     Int4Linear,
     Int8Linear,
     QuantSpec,
+    W4A8Linear,
+    W8A8Linear,
     parse_quantize,
     quantize_model,
     weight_bytes_per_token,
@@ -43,10 +47,12 @@ BOUNDS = {
     "bf16": (0.03, 1e-5, 0.9),
     "int8": (0.05, 5e-5, 0.9),
     "int4": (0.6, 5e-3, 0.5),
+    "w8a8": (0.05, 5e-5, 0.9),
+    "w4a8": (0.6, 5e-3, 0.5),
 }
 # each precision on our CPU kernels where this CPU has them, and on PyTorch's / torchao's
 # ("-torch": LLAMA_MIMI_CPU_KERNELS=0), which every other machine uses
-ROUTES = ["none", "bf16", "bf16-torch", "int8", "int8-torch", "int4", "int4-torch"]
+ROUTES = ["none"] + [f"{p}{route}" for p in BOUNDS if p != "none" for route in ("", "-torch")]
 
 
 def tiny(seed: int = 0) -> nn.Module:
@@ -101,30 +107,33 @@ def test_weights_are_stored_in_the_precision(quantized):
     precision, model, ours = quantized
     fp32_bytes = weight_bytes_per_token(tiny())
     ratio = weight_bytes_per_token(model) / fp32_bytes
-    # the norms follow the activations (fp32 on our kernels, else bf16); int8 adds a scale per
-    # row, int4 a scale and zero per 128 columns (fp32 in ours, bf16 in torchao's packing)
+    # the norms stay fp32 (the activations' dtype on a CPU); int8 adds a scale per row, int4 a
+    # scale and zero per 128 columns (fp32 in ours, bf16 in torchao's packing)
     assert {
         "none": ratio == 1.0,
-        "bf16": 0.50 < ratio < 0.51 if ours else 0.49 < ratio <= 0.50,
+        "bf16": 0.50 < ratio < 0.51,
         "int8": 0.25 < ratio < 0.26,
+        "w8a8": 0.25 < ratio < 0.26,
         "int4": 0.14 < ratio < 0.145 if ours else 0.13 < ratio < 0.14,
+        "w4a8": 0.14 < ratio < 0.145,
     }[precision], ratio
-    activations = torch.float32 if ours or precision == "none" else torch.bfloat16
-    assert next(model.tok_embeddings.parameters()).dtype == activations
+    assert next(model.tok_embeddings.parameters()).dtype == torch.float32  # on every route
     attn = model.layers[0].attn  # on our kernels q, k and v are one projection (fused_layers)
     q_proj = attn.qkv_proj if ours else attn.q_proj
     if precision == "none":  # the model as loaded, on every machine
         assert not ours and type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.float32
     if precision == "bf16":
-        assert type(q_proj) is (Bf16Linear if ours else nn.Linear)
-        assert q_proj.weight.dtype == torch.bfloat16
-    if precision == "int8":
-        assert isinstance(q_proj, Int8Linear) and q_proj.weight_int8.dtype == torch.int8
+        assert type(q_proj) is Bf16Linear and q_proj.weight.dtype == torch.bfloat16
         assert q_proj.cpu_kernel == ours
-    if precision == "int4" and ours:
-        assert isinstance(q_proj, Int4Linear) and q_proj.weight_int4.dtype == torch.uint8
-    elif precision == "int4":
-        assert type(q_proj.weight).__name__ == "AffineQuantizedTensor"
+    if precision in ("int8", "w8a8"):
+        assert type(q_proj) is {"int8": Int8Linear, "w8a8": W8A8Linear}[precision]
+        assert q_proj.weight_int8.dtype == torch.int8 and q_proj.cpu_kernel == ours
+    if precision == "w4a8" or precision == "int4" and ours:
+        assert type(q_proj) is {"int4": Int4Linear, "w4a8": W4A8Linear}[precision]
+        assert q_proj.weight_int4.dtype == torch.uint8 and q_proj.cpu_kernel == ours
+    elif precision == "int4":  # torchao's, on the inputs rounded to bf16
+        assert type(q_proj) is InBf16
+        assert type(q_proj.linear.weight).__name__ == "AffineQuantizedTensor"
 
 
 def test_generate_batch_equals_single(quantized):
@@ -147,7 +156,7 @@ def test_eval_scores_close_to_fp32(quantized, tokenizer_and_pairs):
     tokenizer, pairs, codes, ref = tokenizer_and_pairs
     got = score_pairs(model, tokenizer, pairs, codes, batch_size=4, progress=False)
     # per-token mean log-probabilities (~ -10); int4's logits move by up to 0.3
-    tolerance = {"none": 1e-4, "int4": 0.05}.get(precision, 0.01)
+    tolerance = {"none": 1e-4, "int4": 0.05, "w4a8": 0.05}.get(precision, 0.01)
     for r, g in zip(ref, got):
         for k in ("score_positive", "score_negative"):
             assert abs(r[k] - g[k]) < tolerance, (precision, k)
@@ -173,12 +182,14 @@ def test_parse_values_and_errors():
     assert parse_quantize(None).activation_dtype(CPU) is None  # none never casts
     assert parse_quantize("INT4", "64") == QuantSpec("int4", 64)
     assert "group 64" in parse_quantize("int4", 64).describe(CPU)
-    with pytest.raises(UserError, match=r"quantize='fp8'.*none, bf16, int8, int4"):
+    with pytest.raises(UserError, match=r"quantize='fp8'.*none, bf16, int8, int4, w8a8, w4a8"):
         parse_quantize("fp8")
     with pytest.raises(UserError, match=r"quantize='fp32'.*quantize=none dtype=fp32"):
         parse_quantize("fp32")
     with pytest.raises(UserError, match=r"quantize_group_size=100 .*32, 64, 128, 256"):
         parse_quantize("int4", 100)
+    with pytest.raises(UserError, match=r"w4a8 takes groups of 128 columns, not .*=64"):
+        parse_quantize("w4a8", 64)
 
 
 def test_unsupported_shapes_and_devices_are_clear_errors():
@@ -224,8 +235,11 @@ def test_generate_recipe_reports_the_precision(tmp_path, monkeypatch):
     ]  # fmt: skip
     _run_recipe(ROOT / "recipes" / "llama_mimi_generate.py", argv, monkeypatch)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["quantize"] == "int4" and summary["dtype"] == "torch.bfloat16"
-    assert summary["precision"] == "int4 (group 64, torchao Int4CPULayout), bf16 activations"
+    assert summary["quantize"] == "int4" and summary["dtype"] == "torch.float32"
+    assert summary["precision"] == (
+        "int4 (int4 weight-only, group 64; linear inputs and outputs in bf16, fp32 sums; fp32 "
+        "activations; torchao Int4CPULayout)"
+    )
     assert summary["frames"] == 4
 
 
@@ -244,5 +258,5 @@ def test_eval_recipe_reports_the_precision(tmp_path, monkeypatch):
     ]  # fmt: skip
     _run_recipe(ROOT / "recipes" / "llama_mimi_eval.py", argv, monkeypatch)
     results = json.loads((out / "results.json").read_text())
-    assert results["precision"].startswith("int8 (per-row scales")
+    assert results["precision"].startswith("int8 (int8 weight-only, per-row scales")
     assert results["suites"]["sStoryCloze"]["overall"]["pairs"] == 2
