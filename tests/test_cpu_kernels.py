@@ -16,7 +16,7 @@ needs = {
     kind: pytest.mark.skipif(
         not cpu_kernels.available(kind), reason=f"this CPU or machine cannot run the {kind} kernel"
     )
-    for kind in cpu_kernels.CPU_FLAGS
+    for kind in cpu_kernels.KERNELS
 }
 
 
@@ -252,11 +252,11 @@ def test_huge_page_copies_hold_the_same_values():
 
 
 def test_the_switch_turns_every_kernel_off_at_the_next_call(monkeypatch):
-    on = {kind: cpu_kernels.available(kind) for kind in cpu_kernels.CPU_FLAGS}
+    on = {kind: cpu_kernels.available(kind) for kind in cpu_kernels.KERNELS}
     monkeypatch.setenv("LLAMA_MIMI_CPU_KERNELS", "0")
-    assert not any(cpu_kernels.available(kind) for kind in cpu_kernels.CPU_FLAGS)
+    assert not any(cpu_kernels.available(kind) for kind in cpu_kernels.KERNELS)
     monkeypatch.setenv("LLAMA_MIMI_CPU_KERNELS", "1")
-    assert {kind: cpu_kernels.available(kind) for kind in cpu_kernels.CPU_FLAGS} == on
+    assert {kind: cpu_kernels.available(kind) for kind in cpu_kernels.KERNELS} == on
 
 
 @needs["int4"]
@@ -270,7 +270,7 @@ def test_an_unusable_cache_folder_falls_back_with_one_logged_line(tmp_path, monk
     try:
         with caplog.at_level("WARNING"):
             assert not cpu_kernels.available("int4")
-            for precision in ("bf16", "int8", "int4"):
+            for precision in ("bf16", "int8", "int4", "w8a8", "w4a8"):
                 assert not parse_quantize(precision).uses_cpu_kernel(torch.device("cpu"))
             cpu_kernels._library.cache_clear()  # a second attempt fails the same way, unsaid
             assert not cpu_kernels.available("int8")
@@ -278,5 +278,22 @@ def test_an_unusable_cache_folder_falls_back_with_one_logged_line(tmp_path, monk
         monkeypatch.undo()
         cpu_kernels._library.cache_clear()
     said = [r.getMessage() for r in caplog.records if str(blocker) in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith("our CPU kernels are off: building"), said
+    assert len(said) == 3, said  # one line for each library: avx512f, vnni, bf16
+    assert said[0].startswith("our avx512f CPU kernels (int4, int8, attention) are off: building")
     assert cpu_kernels.available("int4")
+
+
+def test_each_library_is_built_for_its_own_instructions_only():
+    """No global -mavx512 flag: a library holds only the functions of its instruction set, so a
+    CPU or a gcc without VNNI or BF16 keeps the others; each kernel is in exactly one."""
+    assert not [flag for flag in cpu_kernels.GCC_FLAGS if flag.startswith("-m")]
+    source = cpu_kernels.SOURCE.read_text()
+    assert "-mavx512" not in source
+    functions = [f for _, fs in cpu_kernels.KERNELS.values() for f in fs]
+    assert len(functions) == len(set(functions))
+    for library in cpu_kernels.LIBRARIES:
+        so = cpu_kernels._library(library)
+        if so is None or not set(cpu_kernels.LIBRARIES[library][1]) <= cpu_kernels._cpu_flags():
+            continue
+        for kernel, (home, names) in cpu_kernels.KERNELS.items():
+            assert all(hasattr(so, name) == (home == library) for name in names), kernel
