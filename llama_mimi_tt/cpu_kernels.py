@@ -98,7 +98,7 @@ def _say_once(message: str) -> None:
         log.warning(message)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _library(library: str) -> Optional[ctypes.CDLL]:
     """The built ``library`` (a key of LIBRARIES), or None (said once) where it cannot be built
     or loaded."""
