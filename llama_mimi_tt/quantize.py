@@ -131,6 +131,9 @@ def parse_quantize(value, group_size=128) -> QuantSpec:
     return QuantSpec(precision=name, group_size=group)
 
 
+_GEMV_ROWS = 4  # our weight-only kernels run up to this many rows of input (decode steps)
+
+
 def quantize_activations(x: torch.Tensor):
     """``(q, scales)``: the rows of ``x [M, K]`` as int8 values (held in fp32, ``[M, K / 128,
     128]``) with one fp32 scale per row and group of 128 columns (``[M, K / 128]``), as our
@@ -146,7 +149,11 @@ def quantize_activations(x: torch.Tensor):
 def _group_dots(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """``d [M, N, G]``: per group, the dot products of integer-valued ``xq [M, G, 128]`` and
     ``wq [N, G, 128]`` (|xq| <= 127, |wq| <= 255), exact in fp32 whatever the order of the sums
-    (each below 2^24). Rows of x are taken in chunks that keep ``d`` under 64 MB."""
+    (each below 2^24). Compiled, up to 4 rows of x (a decode step): products and sums, which
+    inductor fuses into one pass over the weight; else batched matmuls over the groups, rows
+    taken in chunks that keep ``d`` under 64 MB."""
+    if xq.shape[0] <= _GEMV_ROWS and torch.compiler.is_compiling():
+        return (xq[:, None] * wq[None]).sum(-1)
     n, groups = wq.shape[0], wq.shape[1]
     wt = wq.permute(1, 2, 0)  # [G, 128, N]
     step = max(1, 2**24 // (n * groups))
@@ -164,9 +171,6 @@ def round_to_bf16(t: torch.Tensor) -> torch.Tensor:
     bits = t.float().contiguous().view(torch.int32)
     bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
     return bits.view(torch.float32)
-
-
-_GEMV_ROWS = 4  # our weight-only kernels run up to this many rows of input (decode steps)
 
 
 def _gemv(x: torch.Tensor, on_kernel: bool) -> bool:
