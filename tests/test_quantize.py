@@ -21,6 +21,7 @@ from llama_mimi_tt.errors import UserError
 from llama_mimi_tt.generation import SamplingParams, generate
 from llama_mimi_tt.models import llama_mimi_tiny
 from llama_mimi_tt.quantize import (
+    PRECISIONS,
     Bf16Linear,
     InBf16,
     Int4Linear,
@@ -147,6 +148,34 @@ def test_generate_batch_equals_single(quantized):
             model, [prompts[b]], VOCAB, 6, stop_at_end=False, **{**kw, "seed": [kw["seed"][b]]}
         )
         assert torch.equal(single.ids[0], batch.ids[b]), precision
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_runs_eager_and_compiled_without_our_kernels(precision, monkeypatch):
+    """The route of a machine without our kernels (LLAMA_MIMI_CPU_KERNELS=0): a decode-sized
+    forward (4 positions) and greedy generation, eager and compiled, for every precision; the
+    compiled logits equal the eager ones within fp32 rounding, and both are close to fp32.
+    (int8 compiled used to fail in inductor's lowering of aten's int8 weight-only matmul.)"""
+    monkeypatch.setenv("LLAMA_MIMI_CPU_KERNELS", "0")
+    model = quantize_model(tiny(), parse_quantize(precision), CPU)
+    assert not any(getattr(m, "cpu_kernel", False) for m in model.modules())
+    ids = prompt(1)[None]  # 6 tokens
+    torch.compiler.reset()
+    with torch.no_grad():
+        ref = tiny()(ids).float()
+        eager = model(ids).float()
+        compiled = torch.compile(model, dynamic=False)(ids).float()
+    max_diff, _, min_top1 = BOUNDS[precision]
+    for logits in (eager, compiled):
+        assert (logits - ref).abs().max() <= max_diff
+        assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= min_top1
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    kw = dict(semantic=SamplingParams(0.0, None), acoustic=SamplingParams(0.0, None))
+    prompts = [prompt(2, seed=1)]
+    torch.compiler.reset()
+    a = generate(model, prompts, VOCAB, 3, stop_at_end=False, compile=True, **kw)
+    b = generate(model, prompts, VOCAB, 3, stop_at_end=False, **kw)
+    assert torch.equal(a.ids[0], b.ids[0]), precision
 
 
 def test_eval_scores_close_to_fp32(quantized, tokenizer_and_pairs):
