@@ -191,6 +191,59 @@ def test_eval_scores_close_to_fp32(quantized, tokenizer_and_pairs):
             assert abs(r[k] - g[k]) < tolerance, (precision, k)
 
 
+# |score with our kernels - score without| per precision (per-token mean log-probabilities,
+# about -10; measured: 0 for none, bf16 and int8, 3e-4 for w8a8 and w4a8, 0.015 for int4):
+# none is PyTorch's code on both routes; bf16 and int8 score on F.linear in bf16 on both; w8a8
+# and w4a8 differ in the order of fp32 sums; int4 also in its quantized weights (torchao's have
+# bf16 scales and zeros, ours fp32 ones)
+SAME_EVAL = {"none": 0.0, "bf16": 1e-4, "int8": 1e-4, "int4": 0.02, "w8a8": 1e-3, "w4a8": 1e-3}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_the_same_eval_scores_with_and_without_our_kernels(precision, eval_pairs, monkeypatch):
+    """An eval scores alike on a machine with our kernels and one without: within SAME_EVAL,
+    and the same choice for every pair whose margin is more than twice that: all 8 pairs, but 4
+    for int4, whose margins here are 0.0025-0.078 against its routes' 0.015 (one pair, decided
+    by 0.0025, flips)."""
+    from llama_mimi_tt.evaluation import score_pairs
+
+    tokenizer, pairs, codes = eval_pairs
+    got = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("LLAMA_MIMI_CPU_KERNELS", switch)
+        model = quantize_model(tiny(), parse_quantize(precision), CPU)
+        got[switch] = score_pairs(model, tokenizer, pairs, codes, batch_size=3, progress=False)
+    on, off = got["1"], got["0"]
+    if precision == "none":
+        assert on == off  # bitwise: the same model on the same code
+    for a, b in zip(on, off):
+        for k in ("score_positive", "score_negative"):
+            assert abs(a[k] - b[k]) <= SAME_EVAL[precision], (precision, k, a[k] - b[k])
+    clear = [
+        (a["outcome"], b["outcome"])
+        for a, b in zip(on, off)
+        if abs(a["score_positive"] - a["score_negative"]) > 2 * SAME_EVAL[precision]
+    ]
+    assert len(clear) >= (4 if precision == "int4" else 8)
+    assert all(x == y for x, y in clear)
+
+
+@pytest.fixture(scope="module")
+def eval_pairs():
+    """8 pairs over 8 random code sequences of 3-13 frames. Scoring runs whole sequences: the
+    weight-only layers take F.linear there on both routes, w8a8 and w4a8 our kernels."""
+    from llama_mimi_tt.benchmarks import Pair
+    from llama_mimi_tt.tokenizer import llama_mimi_tokenizer
+
+    tokenizer = llama_mimi_tokenizer("builtin:byte", num_quantizers=Q)
+    g = torch.Generator().manual_seed(1)
+    codes = {
+        f"{i}.wav": torch.randint(0, 2048, (Q, 3 + i + i % 2 * 3), generator=g) for i in range(8)
+    }
+    pairs = [Pair("s", "x", f"p{i}", f"{i}.wav", f"{(i + 3) % 8}.wav") for i in range(8)]
+    return tokenizer, pairs, codes
+
+
 @pytest.fixture(scope="module")
 def tokenizer_and_pairs():
     from llama_mimi_tt.benchmarks import Pair
