@@ -102,14 +102,14 @@ def _say_once(message: str) -> None:
 def _library(library: str) -> Optional[ctypes.CDLL]:
     """The built ``library`` (a key of LIBRARIES), or None (said once) where it cannot be built
     or loaded."""
-    if not shutil.which("gcc"):
-        _say_once(
-            "our CPU kernels are off: gcc is not installed (they are compiled on first use); "
-            "PyTorch's and torchao's code runs instead"
-        )
-        return None
     source = SOURCE.read_bytes()
     lib = _cache_dir() / f"cpu_kernels-{library}-{hashlib.sha1(source).hexdigest()[:12]}.so"
+    if not lib.is_file() and not shutil.which("gcc"):
+        _say_once(
+            f"our CPU kernels are off: gcc is not installed (they are compiled on first use, "
+            f"into {lib.parent}); PyTorch's and torchao's code runs instead"
+        )
+        return None
     try:
         if not lib.is_file():
             _build(lib, LIBRARIES[library][0])

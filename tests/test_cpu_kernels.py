@@ -283,6 +283,22 @@ def test_an_unusable_cache_folder_falls_back_with_one_logged_line(tmp_path, monk
     assert cpu_kernels.available("int4")
 
 
+@needs["int4"]
+def test_without_gcc_the_kernels_fall_back_with_one_logged_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("PATH", str(tmp_path))  # and no gcc to build it
+    cpu_kernels._library.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert not any(cpu_kernels.available(kind) for kind in cpu_kernels.KERNELS)
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._library.cache_clear()
+    said = [r.getMessage() for r in caplog.records if "gcc is not installed" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path) in said[0], said
+    assert cpu_kernels.available("int4")
+
+
 def test_each_library_is_built_for_its_own_instructions_only():
     """No global -mavx512 flag: a library holds only the functions of its instruction set, so a
     CPU or a gcc without VNNI or BF16 keeps the others; each kernel is in exactly one."""
