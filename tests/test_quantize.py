@@ -166,10 +166,9 @@ def test_every_precision_runs_eager_and_compiled_without_our_kernels(precision, 
         eager = model(ids).float()
         compiled = torch.compile(model, dynamic=False)(ids).float()
     max_diff, _, min_top1 = BOUNDS[precision]
-    for logits in (eager, compiled):
-        assert (logits - ref).abs().max() <= max_diff
-        assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= min_top1
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    assert (eager - ref).abs().max() <= max_diff
+    assert (eager.argmax(-1) == ref.argmax(-1)).float().mean() >= min_top1
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)  # so, close to fp32 too
     kw = dict(semantic=SamplingParams(0.0, None), acoustic=SamplingParams(0.0, None))
     prompts = [prompt(2, seed=1)]
     torch.compiler.reset()
