@@ -10,8 +10,8 @@ the same arithmetic on every machine of a device type, whichever code computes i
 - ``none``: the model as loaded, on PyTorch's code.
 - ``bf16``, ``int8``, ``int4``: weight-only. Each quantized linear takes its input rounded to
   bf16, multiplies it by the dequantized weight with fp32 sums and rounds its output to bf16
-  (PyTorch's bf16 matmul); int8 rounds the sum to bf16 before its per-row scale, as a bf16
-  matmul followed by the scale does.
+  (PyTorch's bf16 matmul); int8 rounds the sum to bf16 before its per-row scale (in bf16), as
+  a bf16 matmul followed by the scale does.
 - ``w8a8``, ``w4a8``: int8 activations. Each input row is quantized to int8 per group of 128
   columns (:func:`quantize_activations`), the products are summed as integers and scaled in
   fp32; the weights as int8 and int4 above (int4 in groups of 128).
@@ -201,31 +201,34 @@ class Bf16Linear(nn.Linear):
 
 
 class Int8Linear(nn.Module):
-    """A bias-free linear layer with an int8 weight ``[out, in]`` and one fp32 scale per output
-    row (symmetric, round to nearest, ``cpu_kernels.pack_int8``), weight-only:
-    ``y = bf16(bf16(x_bf16 @ q.T) * scale)``, returned in the input's dtype. It reads 1 byte
+    """A bias-free linear layer with an int8 weight ``[out, in]`` and one scale per output row
+    (symmetric, round to nearest, ``cpu_kernels.pack_int8``), weight-only:
+    ``y = bf16(bf16(x_bf16 @ q.T) * bf16(scale))``, returned in the input's dtype (compiled,
+    PyTorch's route rounds once instead of twice: 1 bf16 step apart at most). It reads 1 byte
     per weight. Decode steps run on our AVX-512 kernel where ``cpu_kernel``, else and for
-    longer inputs ``F.linear`` in bf16.
+    longer inputs a bf16 matmul.
     """
 
     kernel = "int8"
+    scale_dtype = torch.bfloat16  # stored as used (inductor cannot take a cast scale here)
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         q, scales = cpu_kernels.pack_int8(weight)
         self.out_features, self.in_features = q.shape
         self.register_buffer("weight_int8", q)
-        self.register_buffer("scales", scales)
+        self.register_buffer("scales", scales.to(self.scale_dtype))
         self.cpu_kernel = cpu_kernels.available(self.kernel)  # decided once: traceable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if _gemv(x, self.cpu_kernel):
             sums = round_to_bf16(cpu_kernels.int8_matmul(round_to_bf16(x2), self.weight_int8))
-        else:
-            sums = F.linear(x2.to(torch.bfloat16), self.weight_int8.to(torch.bfloat16)).float()
-        y = round_to_bf16(sums * self.scales).to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = round_to_bf16(sums * self.scales.float())
+        else:  # in this form inductor compiles it to PyTorch's int8 weight-only matmul
+            weight = self.weight_int8.t().to(torch.bfloat16)
+            y = torch.mm(x2.to(torch.bfloat16), weight) * self.scales
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
         """The weight as ``float32`` ``[out, in]`` (for checks)."""
@@ -241,6 +244,7 @@ class W8A8Linear(Int8Linear):
     Our AVX-512 VNNI kernel where ``cpu_kernel``, else the same arithmetic in PyTorch."""
 
     kernel = "w8a8"
+    scale_dtype = torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()

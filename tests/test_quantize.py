@@ -154,7 +154,8 @@ def test_generate_batch_equals_single(quantized):
 def test_every_precision_runs_eager_and_compiled_without_our_kernels(precision, monkeypatch):
     """The route of a machine without our kernels (LLAMA_MIMI_CPU_KERNELS=0): a decode-sized
     forward (4 positions) and greedy generation, eager and compiled, for every precision; the
-    compiled logits equal the eager ones within fp32 rounding, and both are close to fp32.
+    compiled logits equal the eager ones within fp32 rounding (int8: a bf16 rounding), and the
+    eager ones are close to fp32.
     (int8 compiled used to fail in inductor's lowering of aten's int8 weight-only matmul.)"""
     monkeypatch.setenv("LLAMA_MIMI_CPU_KERNELS", "0")
     model = quantize_model(tiny(), parse_quantize(precision), CPU)
@@ -168,7 +169,9 @@ def test_every_precision_runs_eager_and_compiled_without_our_kernels(precision, 
     max_diff, _, min_top1 = BOUNDS[precision]
     assert (eager - ref).abs().max() <= max_diff
     assert (eager.argmax(-1) == ref.argmax(-1)).float().mean() >= min_top1
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)  # so, close to fp32 too
+    # compiled, int8's bf16 matmul and scale round once instead of twice: 0.0076 measured
+    atol = 0.02 if precision == "int8" else 1e-4
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=atol)  # so, close to fp32 too
     kw = dict(semantic=SamplingParams(0.0, None), acoustic=SamplingParams(0.0, None))
     prompts = [prompt(2, seed=1)]
     torch.compiler.reset()
