@@ -2,9 +2,10 @@
 
 Batch-1 decoding is one matrix-vector product per linear layer, so its speed is the rate at
 which the weights stream from memory. PyTorch's CPU kernels read them at 10-20 GB/s on a
-2-core AVX-512 machine where a plain read reaches 25-30 GB/s; ours stream int4 and int8 weights
-with fp32 activations (AVX-512F; ``int4``, ``int8``) or int8 activations (VNNI's ``vpdpbusd``;
-``w4a8``, ``w8a8``) and bf16 weights through ``vdpbf16ps`` (bench/RESULTS.md).
+2-core AVX-512 machine where a plain read reaches 25-30 GB/s; ours stream int8 weights with
+fp32 activations (AVX-512F; ``int8``), int4 and int8 weights with int8 activations (VNNI's
+``vpdpbusd``; ``w4a8``, ``w8a8``) and bf16 weights through ``vdpbf16ps`` (bench/RESULTS.md;
+``int4`` is torchao's, which ran faster than a weight-only int4 kernel of ours).
 ``decode_attention`` attends one query per sequence over a grouped-query KV cache without
 expanding its heads (fused_layers.py uses it).
 
@@ -43,7 +44,6 @@ LIBRARIES = {  # one library per instruction set: (-D of its section, /proc/cpui
     "bf16": ("KERNELS_BF16", ("avx512f", "avx512bw", "avx512_bf16")),
 }
 KERNELS = {  # kernel: (its library, its C functions)
-    "int4": ("avx512f", ("int4_matmul",)),
     "int8": ("avx512f", ("int8_matmul",)),
     "attention": ("avx512f", ("decode_attention", "rms_norm", "rope")),  # fused_layers.py
     "w4a8": ("vnni", ("w4a8_matmul",)),
@@ -54,7 +54,6 @@ CPU_FLAGS = {kernel: LIBRARIES[library][1] for kernel, (library, _) in KERNELS.i
 GCC_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the instruction sets: target attributes
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {  # (pointers and ints of each C function, in order)
-    "int4_matmul": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
     "int8_matmul": [_P, _I, _I, _P, _I, _P, _I],
     "w4a8_matmul": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
     "w8a8_matmul": [_P, _I, _I, _P, _P, _I, _P, _I],
@@ -143,7 +142,7 @@ def available_on_cpu(kernel: str) -> bool:
     return all(flag in _cpu_flags() for flag in CPU_FLAGS[kernel])
 
 
-def available(kernel: str = "int4") -> bool:
+def available(kernel: str) -> bool:
     """Whether ``kernel`` (a key of KERNELS) runs here: the switch is on, the CPU has its
     instructions and its library is built. Why not is logged once."""
     if not enabled():
@@ -263,15 +262,6 @@ def _op(fake):
         return call
 
     return wrap
-
-
-@_op(_matmul_fake)
-def int4_matmul(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
-) -> torch.Tensor:
-    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for ``pack_int4``'s weight, dequantized in fp32
-    (``unpack_int4``'s values); x stays fp32, products summed in fp32."""
-    return _run("int4_matmul", x, packed, 2 * packed.shape[1], scales, zeros)
 
 
 @_op(_matmul_fake)

@@ -21,9 +21,9 @@ on CUDA in bf16. Where this CPU has AVX-512 and gcc, the decode steps run on our
 (cpu_kernels.py), in layers whose q/k/v and gate/up projections are fused and whose decode steps
 attend with our grouped-query kernel (fused_layers.py); elsewhere, or with
 ``LLAMA_MIMI_CPU_KERNELS=0``, on torchtune's layers and PyTorch's or torchao's code: bf16 and
-int8 ``F.linear`` in bf16, int4 torchao's ``Int4WeightOnlyConfig(version=1)`` (CPU layout; on
-CUDA tensor-core tiled, and int8 torchao's ``Int8WeightOnlyConfig``), w8a8 and w4a8 the same
-integer arithmetic in plain PyTorch. Speed and quality per precision and route:
+int8 a bf16 matmul, w8a8 and w4a8 the same integer arithmetic in plain PyTorch. int4 is
+torchao's ``Int4WeightOnlyConfig(version=1)`` on every machine (CPU layout; on CUDA
+tensor-core tiled), and CUDA's int8 torchao's ``Int8WeightOnlyConfig``. Speed and quality per precision and route:
 bench/bench_quantize.py and bench/RESULTS.md.
 """
 
@@ -92,12 +92,11 @@ class QuantSpec:
 
     def uses_cpu_kernel(self, device: Optional[torch.device]) -> bool:
         """Whether the decoder layers run on our CPU kernels (cpu_kernels.py) rather than
-        PyTorch's or torchao's code (int4: group 128 only; none: never, the model runs as
-        loaded)."""
+        PyTorch's or torchao's code (none: never, the model runs as loaded; int4: never,
+        torchao's ran faster than a kernel of ours, bench/RESULTS.md)."""
         return (
-            self.precision != "none"
+            self.precision in cpu_kernels.KERNELS
             and (device is None or device.type == "cpu")
-            and (self.precision != "int4" or self.group_size == cpu_kernels.GROUP_SIZE)
             and cpu_kernels.available(self.precision)
         )
 
@@ -257,15 +256,15 @@ class W8A8Linear(Int8Linear):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class Int4Linear(nn.Module):
+class W4A8Linear(nn.Module):
     """A bias-free linear layer with int4 weights (a scale and a zero per 128 input columns,
-    asymmetric, round to nearest, ``cpu_kernels.pack_int4``), weight-only: the input rounded
-    to bf16, the dequantized fp32 weight, fp32 sums, the output rounded to bf16 and returned in
-    the input's dtype. It reads 0.5625 bytes per weight. Decode steps run on our AVX-512 kernel
-    where ``cpu_kernel``; else and for longer inputs ``F.linear`` on the dequantized weight.
-    """
+    asymmetric, round to nearest, ``cpu_kernels.pack_int4``; 0.5625 bytes per weight) and int8
+    activations: each input row quantized per group of 128 columns
+    (:func:`quantize_activations`), integer products ``q * xq`` per group, then
+    ``s * sx * (dot - z * sum(xq))`` summed in fp32. Our AVX-512 VNNI kernel where
+    ``cpu_kernel``, else the same arithmetic in PyTorch."""
 
-    kernel = "int4"
+    kernel = "w4a8"
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -275,30 +274,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.cpu_kernel = cpu_kernels.available(self.kernel)  # decided once: traceable
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = round_to_bf16(x.reshape(-1, x.shape[-1]))
-        if _gemv(x, self.cpu_kernel):
-            y = cpu_kernels.int4_matmul(x2, self.weight_int4, self.scales, self.zeros)
-        else:
-            y = F.linear(x2, self.dequantize())
-        return round_to_bf16(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    def dequantize(self) -> torch.Tensor:
-        """The weight as ``float32`` ``[out, in]``."""
-        return cpu_kernels.unpack_int4(self.weight_int4, self.scales.float(), self.zeros.float())
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kernel}"
-
-
-class W4A8Linear(Int4Linear):
-    """:class:`Int4Linear`'s weight with int8 activations: each input row quantized per group of
-    128 columns (:func:`quantize_activations`), integer products ``q * xq`` per group, then
-    ``s * sx * (dot - z * sum(xq))`` summed in fp32. Our AVX-512 VNNI kernel where
-    ``cpu_kernel``, else the same arithmetic in PyTorch."""
-
-    kernel = "w4a8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()
@@ -312,6 +287,13 @@ class W4A8Linear(Int4Linear):
             dots = _group_dots(xq, wq) - self.zeros * xq.sum(-1)[:, None, :]
             y = (dots * self.scales * sx[:, None, :]).sum(-1)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as ``float32`` ``[out, in]`` (for checks)."""
+        return cpu_kernels.unpack_int4(self.weight_int4, self.scales, self.zeros)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w4a8"
 
 
 class InBf16(nn.Module):
@@ -404,10 +386,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
     layers' linear layers. Where our CPU kernels run the precision, q/k/v and gate/up are fused
     first (``fuse_layers``; the state dict then has ``qkv_proj`` and ``gate_up_proj`` keys:
     quantize for inference, never to save) and the layers are :class:`Bf16Linear`,
-    :class:`Int8Linear`, :class:`Int4Linear`, :class:`W8A8Linear` or :class:`W4A8Linear` on our
-    kernels. Elsewhere the same classes run PyTorch's code, except int4 (torchao's
-    ``quantize_``, wrapped in :class:`InBf16` on a CPU), CUDA's int8 (torchao's) and CUDA's
-    bf16 (``nn.Linear`` in the bf16 model). Call it after the weights are loaded and before
+    :class:`Int8Linear`, :class:`W8A8Linear` or :class:`W4A8Linear` on our kernels. Elsewhere
+    the same classes run PyTorch's code. int4 is torchao's ``quantize_`` everywhere (wrapped in
+    :class:`InBf16` on a CPU); CUDA's int8 is torchao's and CUDA's bf16 ``nn.Linear`` in the
+    bf16 model. Call it after the weights are loaded and before
     generation or scoring.
     """
     check_quantizable(model, spec, device)
@@ -423,13 +405,12 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
         # compiled, torchao's int8 fuses the dequantization into the matmul; aten's CUDA
         # int8 weight-only matmul ran 10x slower than bf16 (bench/RESULTS.md, H200)
         quantize_(model.layers, Int8WeightOnlyConfig())
-    elif spec.precision == "int4" and not ours:
+    elif spec.precision == "int4":
         _torchao_int4(model, spec, device)
     elif spec.precision != "bf16" or device.type == "cpu":
         make = {
             "bf16": Bf16Linear.of,
             "int8": Int8Linear,
-            "int4": Int4Linear,
             "w8a8": W8A8Linear,
             "w4a8": W4A8Linear,
         }[spec.precision]
@@ -464,7 +445,7 @@ def weight_bytes_per_token(model: nn.Module) -> int:
         tensors = list(m.parameters(recurse=False))
         if isinstance(m, Int8Linear):
             tensors += [m.weight_int8, m.scales]
-        if isinstance(m, Int4Linear):
+        if isinstance(m, W4A8Linear):
             tensors += [m.weight_int4, m.scales, m.zeros]
         total += sum(_nbytes(t) for t in tensors)
     return total

@@ -1,5 +1,6 @@
-/* y[m, n] = sum_k x[m, k] * w[n, k] for batch-1 decoding on AVX-512 CPUs: int4 and int8 weights
- * with fp32 activations (AVX-512F) or int8 activations (VNNI), and bf16 weights (AVX512_BF16).
+/* y[m, n] = sum_k x[m, k] * w[n, k] for batch-1 decoding on AVX-512 CPUs: int8 weights with fp32
+ * activations (AVX-512F), int4 and int8 weights with int8 activations (VNNI), and bf16 weights
+ * (AVX512_BF16). (A weight-only int4 kernel ran slower than torchao's: bench/RESULTS.md.)
  * Each weight row is read once from memory and reused from L1 for every row of x, and rows are
  * split over OpenMP threads: a matrix-vector product streams the weights at close to the memory
  * bandwidth, which sets the speed of decoding.
@@ -8,9 +9,7 @@
  * w = (q - z) * s. Packed [N, K / 2] bytes: in each group, byte j holds column j (low nibble)
  * and column 64 + j (high nibble), so one 64-byte load unpacks into two 64-column halves.
  * int8: q[n, k] in -127..127 with one scale s per row, w = q * s.
- * Weight-only (int4_matmul, int8_matmul): x stays fp32; int4 weights are dequantized in
- * registers, w = (q - z) * s exactly as in fp32 arithmetic (a 16-entry table per group, looked
- * up by vpermps), and y = sum_k x * w in fp32; int8_matmul returns sum_k x * q (no scale).
+ * Weight-only int8 (int8_matmul): x stays fp32, y = sum_k x * q in fp32 (no scale).
  * int8 activations (w4a8_matmul, w8a8_matmul): each row of x is quantized to int8 per group of
  * 128 (scale sx = max |x| / 127, round half to even), so a group's dot product is vpdpbusd
  * (u8 x s8 -> s32); the int8 weight's top bit is flipped (u = q + 128 in 1..255) to be the
@@ -36,42 +35,8 @@
 
 #define GROUP 128
 
-#ifdef KERNELS_F /* ---- AVX-512F: weight-only int4 and int8, norms, RoPE, attention ---- */
+#ifdef KERNELS_F /* ---- AVX-512F: weight-only int8, norms, RoPE, attention ---- */
 #define TARGET __attribute__((target("avx512f")))
-TARGET int int4_matmul(const float *x, int m, int k, const uint8_t *w, const float *s, const float *z,
-                int n, float *y, int threads) {
-    if (k % GROUP) return 1;
-    int groups = k / GROUP;
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int row = 0; row < n; row++) {
-        const uint8_t *wr = w + (size_t)row * (k / 2);
-        for (int r = 0; r < m; r++) {
-            const float *xr = x + (size_t)r * k;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                             _mm512_setzero_ps()};
-            for (int g = 0; g < groups; g++) {
-                size_t sg = (size_t)row * groups + g;
-                __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z[sg])),
-                                             _mm512_set1_ps(s[sg])); /* (q - z) * s, q = 0..15 */
-                const uint8_t *wg = wr + (size_t)g * 64;
-                const float *xg = xr + (size_t)g * GROUP;
-                for (int c = 0; c < 4; c++) { /* bytes 16c..16c+15: columns 16c.. and 64+16c.. */
-                    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wg + 16 * c)));
-                    __m512 lo = _mm512_permutexvar_ps(b, table); /* vpermps reads bits 0-3 */
-                    __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
-                    acc[c & 1] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xg + 16 * c), acc[c & 1]);
-                    acc[2 + (c & 1)] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xg + 64 + 16 * c),
-                                                       acc[2 + (c & 1)]);
-                }
-            }
-            __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-            y[(size_t)r * n + row] = _mm512_reduce_add_ps(sum);
-        }
-    }
-    return 0;
-}
-
 TARGET int int8_matmul(const float *x, int m, int k, const int8_t *w, int n, float *y, int threads) {
     if (k % GROUP) return 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
