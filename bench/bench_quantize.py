@@ -313,10 +313,11 @@ def markdown(result) -> str:
         "`Int4CPULayout`, w8a8/w4a8 the same integer arithmetic in PyTorch; torchao: its "
         "`Int8WeightOnlyConfig`). Tokens/s of decode steps; ratio = ours / the faster library "
         "route of the precision (eager, compiled; best: the faster mode of each); quality "
-        "against fp32 (eager).",
+        "against fp32 (eager); random weights, so int4's and w4a8's quality says little.",
         "",
         "| precision | route | eager tokens/s | compiled tokens/s | ours / library (eager, "
-        "compiled, best) | GB per token | max abs logit diff | mean KL | top-1 | greedy agreement |",
+        "compiled, best) | GB per token | max abs logit diff | mean KL | top-1 | greedy "
+        "agreement |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:

@@ -23,8 +23,8 @@ attend with our grouped-query kernel (fused_layers.py); elsewhere, or with
 ``LLAMA_MIMI_CPU_KERNELS=0``, on torchtune's layers and PyTorch's or torchao's code: bf16 and
 int8 a bf16 matmul, w8a8 and w4a8 the same integer arithmetic in plain PyTorch. int4 is
 torchao's ``Int4WeightOnlyConfig(version=1)`` on every machine (CPU layout; on CUDA
-tensor-core tiled), and CUDA's int8 torchao's ``Int8WeightOnlyConfig``. Speed and quality per precision and route:
-bench/bench_quantize.py and bench/RESULTS.md.
+tensor-core tiled), and CUDA's int8 torchao's ``Int8WeightOnlyConfig``. Speed and quality per
+precision and route: bench/bench_quantize.py and bench/RESULTS.md.
 """
 
 import warnings
