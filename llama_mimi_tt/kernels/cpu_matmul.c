@@ -14,7 +14,8 @@
  * 128 (scale sx = max |x| / 127, round half to even), so a group's dot product is vpdpbusd
  * (u8 x s8 -> s32); the int8 weight's top bit is flipped (u = q + 128 in 1..255) to be the
  * unsigned operand:
- *   w4a8: y[m, n] = sum_g s[n, g] * sx[m, g] * (sum_k q[n, k] * xq[m, k] - z[n, g] * sum_k xq[m, k])
+ *   w4a8: y[m, n] = sum_g s[n, g] * sx[m, g]
+ *                   * (sum_k q[n, k] * xq[m, k] - z[n, g] * sum_k xq[m, k])
  *   w8a8: y[m, n] = s[n] * sum_g sx[m, g] * (sum_k u[n, k] * xq[m, k] - 128 * sum_k xq[m, k])
  * bf16: x rounded to bf16 (round to nearest even), products summed in fp32 by vdpbf16ps.
  * Every matmul returns 0, or 1 for a K that is not a multiple of 128, 2 when out of memory.
@@ -37,7 +38,8 @@
 
 #ifdef KERNELS_F /* ---- AVX-512F: weight-only int8, norms, RoPE, attention ---- */
 #define TARGET __attribute__((target("avx512f")))
-TARGET int int8_matmul(const float *x, int m, int k, const int8_t *w, int n, float *y, int threads) {
+TARGET
+int int8_matmul(const float *x, int m, int k, const int8_t *w, int n, float *y, int threads) {
     if (k % GROUP) return 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int row = 0; row < n; row++) {
@@ -48,10 +50,12 @@ TARGET int int8_matmul(const float *x, int m, int k, const int8_t *w, int n, flo
                              _mm512_setzero_ps()};
             for (int i = 0; i < k; i += 64) /* 4 x 16 columns, 4 independent sums */
                 for (int j = 0; j < 4; j++) {
-                    __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wr + i + 16 * j)));
-                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xr + i + 16 * j), acc[j]);
+                    __m128i b = _mm_loadu_si128((const __m128i *)(wr + i + 16 * j));
+                    __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+                    acc[j] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xr + i + 16 * j), acc[j]);
                 }
-            __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            __m512 sum =
+                _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
             y[(size_t)r * n + row] = _mm512_reduce_add_ps(sum);
         }
     }
@@ -63,7 +67,8 @@ TARGET int int8_matmul(const float *x, int m, int k, const int8_t *w, int n, flo
  * rope: RoPE of x [b, s, heads, d] (batch and position strides xb, xs; heads contiguous) at
  * positions pos [b, s] from torchtune's cache [positions, d / 2, 2] (cos, sin), pairs (2i, 2i + 1)
  * rotated as torchtune does, into y [b, s, heads, d]. Both return 1 for a bad size. */
-TARGET int rms_norm(const float *x, int rows, int n, const float *w, float eps, float *y) {
+TARGET
+int rms_norm(const float *x, int rows, int n, const float *w, float eps, float *y) {
     if (n % 16) return 1;
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * n;
@@ -81,7 +86,8 @@ TARGET int rms_norm(const float *x, int rows, int n, const float *w, float eps, 
     return 0;
 }
 
-TARGET int rope(const float *x, int b, int s, int heads, int d, long xb, long xs, const float *cache,
+TARGET
+int rope(const float *x, int b, int s, int heads, int d, long xb, long xs, const float *cache,
          int positions, const int64_t *pos, float *y) {
     if (d % 2) return 1;
     for (int bi = 0; bi < b; bi++)
@@ -104,7 +110,8 @@ TARGET int rope(const float *x, int b, int s, int heads, int d, long xb, long xs
 
 /* e^x, 16 at a time, to about 1 ulp for x in [-87, 88] (Cody-Waite reduction, degree-6
  * polynomial); smaller x give 0 or a denormal. */
-TARGET static inline __m512 exp_ps(__m512 x) {
+TARGET
+static inline __m512 exp_ps(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -126,7 +133,8 @@ TARGET static inline __m512 exp_ps(__m512 x) {
  * multiple of 16 or above 256, or more than 16 query heads per key/value head; 2 when out of
  * memory. */
 #define MAX_PER 16
-TARGET int decode_attention(const float *q, int b, int h, int hkv, int d, const float *k, const float *v,
+TARGET
+int decode_attention(const float *q, int b, int h, int hkv, int d, const float *k, const float *v,
                      int len, const uint8_t *valid, float scale, float *out, int threads) {
     if (d % 16 || d > 256 || h % hkv || h / hkv > MAX_PER) return 1;
     int per = h / hkv, w = d / 16, failed = 0;
@@ -206,11 +214,13 @@ typedef struct {
     float *xsum; /* [m, k / GROUP] sums of xq */
 } Quantized;
 
-TARGET static void release(Quantized *a) {
+TARGET
+static void release(Quantized *a) {
     free(a->xq); free(a->sx); free(a->xsum);
 }
 
-TARGET static int quantize_rows(const float *x, int m, int k, Quantized *a) {
+TARGET
+static int quantize_rows(const float *x, int m, int k, Quantized *a) {
     int groups = k / GROUP;
     a->xq = aligned_alloc(64, (size_t)m * k + 64);
     a->sx = malloc(sizeof(float) * (size_t)m * groups);
@@ -244,7 +254,8 @@ TARGET static int quantize_rows(const float *x, int m, int k, Quantized *a) {
     return 0;
 }
 
-TARGET int w4a8_matmul(const float *x, int m, int k, const uint8_t *w, const float *s, const float *z,
+TARGET
+int w4a8_matmul(const float *x, int m, int k, const uint8_t *w, const float *s, const float *z,
                 int n, float *y, int threads) {
     if (k % GROUP) return 1;
     int groups = k / GROUP;
@@ -289,7 +300,8 @@ TARGET int w4a8_matmul(const float *x, int m, int k, const uint8_t *w, const flo
     return 0;
 }
 
-TARGET int w8a8_matmul(const float *x, int m, int k, const int8_t *w, const float *s, int n, float *y,
+TARGET
+int w8a8_matmul(const float *x, int m, int k, const int8_t *w, const float *s, int n, float *y,
                 int threads) {
     if (k % GROUP) return 1;
     int groups = k / GROUP;
@@ -336,7 +348,8 @@ TARGET int w8a8_matmul(const float *x, int m, int k, const int8_t *w, const floa
 
 #ifdef KERNELS_BF16 /* ---- AVX-512 BW + BF16: bf16 weights ---- */
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
-TARGET int bf16_matmul(const float *x, int m, int k, const uint16_t *w, int n, float *y, int threads) {
+TARGET
+int bf16_matmul(const float *x, int m, int k, const uint16_t *w, int n, float *y, int threads) {
     if (k % GROUP) return 1;
     __m256bh *xb = aligned_alloc(64, sizeof(__m256bh) * ((size_t)m * k / 16)); /* x in bf16 */
     if (!xb) return 2;
@@ -355,7 +368,8 @@ TARGET int bf16_matmul(const float *x, int m, int k, const uint16_t *w, int n, f
                     acc[j] = _mm512_dpbf16_ps(acc[j], wv, xv);
                 }
             }
-            __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            __m512 sum =
+                _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
             y[(size_t)r * n + row] = _mm512_reduce_add_ps(sum);
         }
     }
