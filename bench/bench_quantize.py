@@ -1,30 +1,31 @@
-"""Batch-1 decoding at the Llama-Mimi-1.3B shape per weight precision (``quantize``), against
-transformers ``generate`` in fp32 and bf16 on the same weights, in the same run.
+"""Batch-1 decoding at the Llama-Mimi-1.3B shape per precision (``quantize``): our CPU kernels
+against the library route that computes the same precision, whole decode steps, in one run.
 
 Shape: 16 layers x 2048, GQA 32/8, MLP 8192, tied embeddings, vocabulary 136,450 (Q = 4),
 random N(0, 0.02) weights (no download). Prompt: ``<bos> <audio>`` + 25 frames (2 s, 102
-tokens); reference sampling (temperature 0.8, top-k 30). For every precision:
+tokens); reference sampling (temperature 0.8, top-k 30). Every precision is built from the same
+fp32 weights twice:
 
-- tokens/s of whole ``generate`` calls (prefill included) for ours and the peer, best of N,
-  ours and the peer interleaved; the prefill time and the decode-only time per token.
-- bytes read per token: the weights a decode step reads (ours: the decoder layers, one
-  embedding row, one 2048-row level head; transformers: the layers and the full vocabulary
-  projection), and the share of the bandwidth limit ``bandwidth / bytes per token`` reached.
-  Bandwidth: a large copy (read + write counted; 4 KB and 2 MB pages, best of several),
-  probed just before each timed call, since this VM's bandwidth moves by up to 2x from minute
-  to minute; the share is the median call's, and the share of the run's best probe is given
-  beside it.
-- quality against fp32 on a fixed 200-token sequence: max |logit difference| and mean
-  KL(fp32 || precision) over all 200 positions and the full vocabulary; top-1 agreement; and
-  the agreement of greedy continuations over 128 tokens (share of equal tokens, first
-  divergence). Random weights are not trained ones: check a real checkpoint before relying on
-  int4.
+- ours (``LLAMA_MIMI_CPU_KERNELS=1``): our kernels (cpu_kernels.py) in the fused layers
+  (fused_layers.py), where this CPU has them;
+- library (``LLAMA_MIMI_CPU_KERNELS=0``, what a machine without them runs): torchtune's layers
+  and bf16: PyTorch's ``F.linear`` in bf16; int8: ``F.linear`` in bf16 on the int8 weight cast
+  to bf16, then the scales (dequantize then linear); int4: torchao's
+  ``Int4WeightOnlyConfig(layout=Int4CPULayout())`` over aten's int4 CPU matmul; w8a8 and w4a8:
+  the same integer arithmetic in plain PyTorch (no PyPI library has int8 activations per 128
+  columns on a CPU); and for int8 also torchao's ``Int8WeightOnlyConfig`` ("torchao").
+  ``none`` is the fp32 model on PyTorch's code, on every machine (one route).
 
-    python bench/bench_quantize.py [--quick] [--write]   # --write: its section of RESULTS.md
+Each route runs eager and compiled (``torch.compile``, inductor's default mode). The timed calls
+are interleaved over the routes (ours eager, library eager, ours compiled, ...), ``--repeats``
+rounds, and each figure is the best round's (a busy machine slows some rounds, never speeds one
+up); tokens/s are decode steps (prefill apart). Ratio: ours / library tokens/s, eager / eager,
+compiled / compiled and best / best; our kernel for a precision stays where best / best is at
+least ``KEEP_RATIO``. Quality against fp32 (eager): max |logit difference|, mean KL(fp32 ||
+route) and top-1 agreement over a fixed 200-token sequence and the full vocabulary, and the
+agreement of greedy continuations. Random weights are not trained ones.
 
-On a CPU each precision runs eager and compiled (``--compile default``). Memory: the fp32 model
-(5 GB) plus one other copy at a time (the transformers model, then each precision built from
-the fp32 state dict in its activation dtype).
+    python bench/bench_quantize.py [--repeats N] [--write]   # --write: its section of RESULTS.md
 """
 
 import argparse
@@ -34,9 +35,11 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 from torchtune import training
 from torchtune.models.llama3_2 import llama3_2
 
@@ -44,19 +47,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_generate import (  # noqa: E402
-    REFERENCE,
-    _hf_copy,
-    _prompt,
-    _sync,
-    _time_hf,
-    bandwidth_probe,
-    cpu_threads,
-)
+from bench_generate import REFERENCE, _prompt, _sync, cpu_threads  # noqa: E402
 
+from llama_mimi_tt import cpu_kernels  # noqa: E402
 from llama_mimi_tt.generation import LevelHeads, SamplingParams, generate  # noqa: E402
 from llama_mimi_tt.models import SHAPES, llama_mimi_1b  # noqa: E402
 from llama_mimi_tt.quantize import (  # noqa: E402
+    InBf16,
     parse_quantize,
     quantize_model,
     weight_bytes_per_token,
@@ -66,9 +63,8 @@ from llama_mimi_tt.vocab import MimiVocab  # noqa: E402
 Q = 4
 SHAPE = SHAPES["1b"]
 GREEDY = SamplingParams(temperature=0.0, top_k=None)
-PRECISIONS = ["none", "bf16", "int8", "int4"]
-GOAL_TOKENS_PER_S = {"bf16": 7.0, "int4": 25.0}
-GOAL_VS_HF_BF16 = {"bf16": 1.2, "int4": 3.0}
+PRECISIONS = ["none", "bf16", "int8", "int4", "w8a8", "w4a8"]
+KEEP_RATIO = 1.3  # our kernel for a precision stays where it is this much faster (best / best)
 SECTION = "## Quantized decoding at the Llama-Mimi-1.3B shape (bench_quantize.py)"
 GPU_SECTION = (
     "## Quantized decoding on a GPU, Llama-Mimi-1.3B shape (bench_quantize.py --device cuda)"
@@ -99,24 +95,53 @@ def _builder(num_layers, max_seq_len):
     )  # fmt: skip
 
 
-def build_precision(fp32_model, precision, device, num_layers=None):
-    """A copy of the fp32 model in the precision's activation dtype (bf16, or fp32 on our CPU
-    kernels; none: fp32), then ``quantize_model`` (none on our CPU kernels: the fused layers
-    and our fp32 kernel)."""
-    spec = parse_quantize(precision)
+@contextmanager
+def kernels(on: bool):
+    """``LLAMA_MIMI_CPU_KERNELS`` set to 1 or 0 for the models built inside."""
+    old = os.environ.get(cpu_kernels.SWITCH)
+    os.environ[cpu_kernels.SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[cpu_kernels.SWITCH]
+        else:
+            os.environ[cpu_kernels.SWITCH] = old
+
+
+def build_precision(fp32_model, precision, device, route, num_layers=None):
+    """A copy of the fp32 model in the precision's activation dtype, then ``quantize_model``
+    with our kernels on (route ``ours``) or off (``library``, ``torchao``: torchao's int8
+    weight-only on the decoder linears in bf16, each run on its input rounded to bf16)."""
+    spec = parse_quantize("none" if route == "torchao" else precision)
     dtype = spec.activation_dtype(device) or torch.float32
     with training.set_default_dtype(dtype), torch.device("meta"):
         model = _builder(num_layers, fp32_model.max_seq_len)()
     model.to_empty(device=device)
-    model.load_state_dict(fp32_model.state_dict())  # copies into the bf16 parameters
+    model.load_state_dict(fp32_model.state_dict())  # copies into the model's dtype
     for m in model.modules():  # buffers (the RoPE cache) were made on meta: compute them
         if hasattr(m, "rope_init"):
             m.rope_init()
-    return quantize_model(model.eval(), spec, device)
+    with kernels(route == "ours"):
+        if route == "ours" and not spec.uses_cpu_kernel(device):
+            return None
+        model = quantize_model(model.eval(), spec, device)
+    if route == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        linears = [(n, m) for n, m in model.layers.named_modules() if type(m) is nn.Linear]
+        for _, m in linears:
+            m.to(torch.bfloat16)
+        quantize_(model.layers, Int8WeightOnlyConfig())
+        for name, m in linears:
+            parent, _, child = name.rpartition(".")
+            setattr(model.layers.get_submodule(parent), child, InBf16(m))
+    return model
 
 
 def decode_bytes(model, vocab) -> int:
-    """Weight bytes one decode step of ours reads."""
+    """Weight bytes one decode step reads: the decoder layers, the final norm, one embedding
+    row and one 2048-row level head."""
     emb = next(model.tok_embeddings.parameters())
     head = LevelHeads(model, vocab).heads[1]
     norm = sum(p.numel() * p.element_size() for p in model.norm.parameters())
@@ -128,17 +153,13 @@ def decode_bytes(model, vocab) -> int:
     )
 
 
-def time_ours(model, prompt, vocab, new_tokens, params=REFERENCE, compile_mode=False):
-    """``(seconds, output)`` of one ``generate`` call; ``compile_mode`` False: eager, else the
-    ``torch.compile`` mode (None: inductor's default)."""
+def generate_once(model, prompt, vocab, new_tokens, params=REFERENCE, compiled=False):
+    """The output of one ``generate`` call of ``new_tokens`` tokens."""
     _sync(prompt.device)
-    t0 = time.perf_counter()
-    out = generate(
+    return generate(
         model, prompt, vocab, new_tokens // Q, semantic=params, acoustic=params,
-        stop_at_end=False, compile=compile_mode is not False,
-        compile_mode=compile_mode or None,
+        stop_at_end=False, compile=compiled,
     )  # fmt: skip
-    return time.perf_counter() - t0, out
 
 
 @torch.no_grad()
@@ -160,241 +181,156 @@ def quality(logits, ref_logits, greedy, ref_greedy) -> dict:
     )
 
 
-def time_probed(device, bw: list, *args, **kwargs):
-    """``time_ours(*args, **kwargs)`` after a short bandwidth probe, whose copy figure is kept
-    with it (and appended to ``bw``): a call's share of the limit is then taken against the
-    bandwidth of its own moment, as this VM's moves by up to 2x from minute to minute."""
-    probe = bandwidth_probe(device, repeats=2)
-    bw.append(probe)
-    return probe["copy"], time_ours(*args, **kwargs)
-
-
-def _timed_rows(runs, new_tokens) -> dict:
-    """``runs``: ``(copy bandwidth just before, (seconds, output))`` per timed call."""
-    return dict(
-        s=min(t for _, (t, _) in runs),
-        s_token=min(o.decode_s / (new_tokens - 1) for _, (_, o) in runs),
-        prefill_s=min(o.prefill_s for _, (_, o) in runs),
-        probed=[(copy, o.decode_s / (new_tokens - 1)) for copy, (_, o) in runs],
-    )
-
-
 def run(
-    quick: bool = False,
-    new_tokens=None,
-    repeats=None,
-    greedy_tokens=None,
+    new_tokens=16,
+    repeats=3,
+    greedy_tokens=32,
     device: str = "cpu",
     num_layers=None,
-    compile_modes=(),
-    budget_s: float = float("inf"),
+    compiled=True,
     precisions=PRECISIONS,
-) -> list:
-    """Every precision, eager (and compiled with each of ``compile_modes``), against
-    transformers in fp32 and bf16. Compiled runs are skipped once ``budget_s`` has passed."""
-    started = time.monotonic()
+) -> dict:
+    """Every precision on each of its routes, eager and compiled: ``{"setup": ..., "rows":
+    [...]}``, a row per precision and route."""
     device = torch.device(device)
     load = os.getloadavg()
     threads = cpu_threads()
     torch.set_num_threads(threads)
     vocab = MimiVocab(num_quantizers=Q)
-    defaults = (16, 1, 16) if quick else (48, 3, 128)
-    new_tokens = new_tokens or defaults[0]
-    repeats = repeats or defaults[1]
-    greedy_tokens = greedy_tokens or defaults[2]
     prompt = _prompt(vocab, frames=25).to(device)  # 102 tokens, 2 s of audio
     seq = _prompt(vocab, frames=50, seed=1)[:, :200].to(device)  # the fixed quality sequence
-    bw = [bandwidth_probe(device)]
+    started = time.monotonic()
 
     fp32 = build_fp32(device, num_layers)
     ref_logits = logits_of(fp32, seq)
-    _, ref_out = time_ours(fp32, prompt, vocab, greedy_tokens, GREEDY)
-    ref_greedy = ref_out.generated[0]
+    ref_greedy = generate_once(fp32, prompt, vocab, greedy_tokens, GREEDY).generated[0]
 
-    # the peers: transformers in fp32, then (converted in place) in bf16
-    shape = SHAPE if num_layers is None else dict(SHAPE, num_layers=num_layers)
-    with device:
-        hf = _hf_copy(fp32, shape, vocab.size)
-    peer, peer_bytes = {}, {}
-    results = {}
-    for hf_dtype in ("fp32", "bf16"):
-        if hf_dtype == "bf16":
-            hf.to(torch.bfloat16)
-        _time_hf(hf, prompt, 2)  # warm-up
-        peer_bytes[hf_dtype] = sum(p.numel() * p.element_size() for p in hf.parameters())
-        t_full, t_one = [], []
-        for _ in range(repeats):
-            t_full.append(_time_hf(hf, prompt, new_tokens))
-            t_one.append(_time_hf(hf, prompt, 1))
-        peer[hf_dtype] = dict(s=min(t_full), s_token=(min(t_full) - min(t_one)) / (new_tokens - 1))
-        bw.append(bandwidth_probe(device))
-        print(f"bench_quantize: transformers {hf_dtype}: {1 / peer[hf_dtype]['s_token']:.1f} "
-              "tokens/s", flush=True)  # fmt: skip
-    del hf
-    gc.collect()
-
-    rows_q = {}
-    for precision in precisions:
-        try:
-            model = build_precision(fp32, precision, device, num_layers)
-            time_ours(model, prompt, vocab, 2 * Q)  # warm-up
-            results[precision] = [
-                time_probed(device, bw, model, prompt, vocab, new_tokens) for _ in range(repeats)
-            ]
-            _, g = time_ours(model, prompt, vocab, greedy_tokens, GREEDY)
-            qual = quality(logits_of(model, seq), ref_logits, g.generated[0], ref_greedy)
-        except Exception as e:  # report the precisions that run; say which did not
-            print(f"bench_quantize: {precision} failed on {device}: {e!r}", flush=True)
-            model = None
-            gc.collect()
-            continue
-        bytes_ = decode_bytes(model, vocab)
-        rows_q[precision] = dict(
-            **_timed_rows(results[precision], new_tokens), bytes=bytes_, **qual
-        )
-        print(f"bench_quantize: ours {precision}: {1 / rows_q[precision]['s_token']:.1f} "
-              "tokens/s", flush=True)  # fmt: skip
-        for mode in compile_modes:
-            if time.monotonic() - started > budget_s:
-                print(f"bench_quantize: {precision} compiled ({mode}) skipped: over the time "
-                      "budget", flush=True)  # fmt: skip
-                continue
-            name = f"{precision}, compiled ({mode or 'default'})"
-            try:
-                torch.compiler.reset()
-                t0 = time.perf_counter()
-                time_ours(model, prompt, vocab, 2 * Q, compile_mode=mode)  # compiles
-                warm = time.perf_counter() - t0
-                runs = [
-                    time_probed(device, bw, model, prompt, vocab, new_tokens, compile_mode=mode)
-                    for _ in range(repeats)
-                ]
-            except Exception as e:  # report what works; say what did not
-                print(f"bench_quantize: {name} failed: {e!r}", flush=True)
-                continue
-            rows_q[name] = dict(
-                **_timed_rows(runs, new_tokens), bytes=bytes_, **qual, compile_s=warm
-            )
-            print(f"bench_quantize: ours {name}: {1 / rows_q[name]['s_token']:.1f} tokens/s "
-                  f"(first call {warm:.0f} s)", flush=True)  # fmt: skip
-        del model
-        gc.collect()
-        bw.append(bandwidth_probe(device))
-    return _rows(
-        rows_q, peer, peer_bytes, bw, new_tokens, repeats, greedy_tokens, threads, load, device
-    )
-
-
-def _rows(rows_q, peer, peer_bytes, bw, new_tokens, repeats, greedy, threads, load, device):
-    copy = max(b["copy"] for b in bw)
-    read = max(b["read"] for b in bw)
-    if device.type == "cuda":
-        where = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    else:
-        where = (
-            f"CPU, {threads} thread(s), {os.cpu_count()} cores, load average "
-            f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at start"
-            f"{' (the machine was shared)' if load[0] > 1.0 else ''}"
-        )
-    common = (
-        f"{where}; {new_tokens} new tokens after a 102-token prompt, best of {repeats}; "
-        "tokens/s and ratios are decode steps (prefill apart; transformers: a 1-token call "
-        "subtracted); bandwidth limit = copy bandwidth / bytes per token, the copy bandwidth "
-        "(1 GiB, read + write counted, 4 KB and 2 MB pages, best of several) probed just before "
-        "each timed call; the share is the median call's. The run's best probe: copy "
-        f"{copy / 1e9:.1f} GB/s, read-only sum {read / 1e9:.1f} GB/s ({len(bw)} probes, from "
-        f"{min(b['copy'] for b in bw) / 1e9:.1f} GB/s copy); real time is "
-        f"{REAL_TIME_TOKENS_PER_S:g} tokens/s (12.5 frames/s x Q = {Q})"
-    )
     rows = []
-    for hf_dtype in ("fp32", "bf16"):
-        p = peer[hf_dtype]
-        rows.append(
-            dict(
-                benchmark=f"quantize: transformers generate, {hf_dtype} (the peer)",
-                metric="tokens/s",
-                ours=None,
-                peer=1 / p["s_token"],
-                peer_name=f"transformers {hf_dtype}",
-                ratio=None,
-                goal="",
-                met=None,
-                notes=f"{1e3 * p['s_token']:.1f} ms per decode step, whole call "
-                f"{new_tokens / p['s']:.2f} tokens/s, "
-                f"{peer_bytes[hf_dtype] / 1e9:.2f} GB read per token, "
-                f"{100 * peer_bytes[hf_dtype] / p['s_token'] / copy:.0f}% of its bandwidth "
-                f"limit; real-time factor {REAL_TIME_TOKENS_PER_S * p['s_token']:.2f}",
+    for precision in precisions:
+        routes = ["library"] if precision == "none" or device.type != "cpu" else ["ours", "library"]
+        if precision == "int8" and device.type == "cpu":
+            routes.append("torchao")
+        models = {}
+        for route in routes:
+            model = fp32 if precision == "none" else build_precision(
+                fp32, precision, device, route, num_layers
+            )  # fmt: skip
+            if model is None:
+                print(f"bench_quantize: {precision}: our kernel cannot run here", flush=True)
+                continue
+            g = generate_once(model, prompt, vocab, greedy_tokens, GREEDY).generated[0]
+            qual = quality(logits_of(model, seq), ref_logits, g, ref_greedy)
+            models[route] = model
+            rows.append(
+                dict(precision=precision, route=route, bytes=decode_bytes(model, vocab), **qual)
             )
-        )
-    for precision, r in rows_q.items():
-        tps = 1 / r["s_token"]
-        vs_bf16 = peer["bf16"]["s_token"] / r["s_token"]
-        share = r["bytes"] / r["s_token"] / copy  # against the run's best probe
-        # each timed call against the copy bandwidth probed just before it; the median call
-        local = statistics.median(r["bytes"] / s_tok / c for c, s_tok in r["probed"])
-        base, _, mode = precision.partition(", ")  # e.g. "int4", "compiled (default)"
-        goals, met = ["share >= 50%"], [local >= 0.5]
-        if device.type == "cpu":  # the issue's speed goals are for the 2-core CPU
-            if base in GOAL_TOKENS_PER_S:
-                goals.append(f">= {GOAL_TOKENS_PER_S[base]:g} tokens/s")
-                met.append(tps >= GOAL_TOKENS_PER_S[base])
-                goals.append(f">= {GOAL_VS_HF_BF16[base]:g}x HF bf16")
-                met.append(vs_bf16 >= GOAL_VS_HF_BF16[base])
-            if base == "int8":  # against bf16 run the same way (eager or compiled)
-                bf16 = rows_q.get(", ".join(filter(None, ["bf16", mode])))
-                goals.append("faster than bf16")
-                met.append(bf16 is not None and r["s_token"] < bf16["s_token"])
-        name = "fp32 (none)" + precision[4:] if base == "none" else precision
-        compiled = f"; first (compiling) call {r['compile_s']:.0f} s" if "compile_s" in r else ""
-        rows.append(
-            dict(
-                benchmark=f"quantize: ours {name}",
-                metric="tokens/s (vs HF bf16)",
-                ours=tps,
-                peer=1 / peer["bf16"]["s_token"],
-                peer_name="transformers bf16, same run",
-                ratio=vs_bf16,
-                goal="; ".join(goals),
-                met=all(met),
-                notes=f"vs HF fp32 {peer['fp32']['s_token'] / r['s_token']:.2f}x; whole call "
-                f"{new_tokens / r['s']:.2f} tokens/s ({peer['bf16']['s'] / r['s']:.2f}x HF bf16); "
-                f"{1e3 * r['s_token']:.1f} ms per decode step, prefill {r['prefill_s']:.2f} s"
-                f"{compiled}; real-time factor {REAL_TIME_TOKENS_PER_S * r['s_token']:.2f}; "
-                f"{r['bytes'] / 1e9:.3f} GB per token, {100 * local:.0f}% of its bandwidth limit "
-                f"at the time (median call; {100 * share:.0f}% of the run's best probe, "
-                f"{copy / r['bytes']:.1f} tokens/s; {100 * r['bytes'] / r['s_token'] / read:.0f}%"
-                " of the best read-only probe); goals met: "
-                + ", ".join(f"{g}: {'yes' if m else 'no'}" for g, m in zip(goals, met))
-                + f"; quality vs fp32: max |logit diff| {r['max_logit_diff']:.3g}, mean KL "
-                f"{r['mean_kl']:.2e}, top-1 {100 * r['top1']:.0f}%, greedy {greedy}-token agreement "
-                f"{100 * r['greedy_agree']:.0f}% (first divergence at {r['first_divergence']})",
-            )
-        )
-    rows[0]["notes"] = common + "; " + rows[0]["notes"]
-    for r in rows:
-        r["setup"] = common
-        r["device"] = device.type
+        modes = [False, True] if compiled else [False]
+        timed = {(route, mode): [] for route in models for mode in modes}
+        compile_s = {}
+        for route, mode in timed:  # warm-up; compiles (a graph per route, kept side by side)
+            t0 = time.perf_counter()
+            try:
+                generate_once(models[route], prompt, vocab, 2 * Q, compiled=mode)
+            except Exception as e:  # report what runs; say what did not
+                print(f"bench_quantize: {precision} {route} compiled={mode}: {e!r}", flush=True)
+                timed[route, mode] = None
+            compile_s[route, mode] = time.perf_counter() - t0
+        for _ in range(repeats):  # interleaved, so that every route sees the same moments
+            for (route, mode), runs in timed.items():
+                if runs is not None:
+                    out = generate_once(models[route], prompt, vocab, new_tokens, compiled=mode)
+                    runs.append(out.decode_s / (new_tokens - 1))
+        for row in rows[-len(models) :]:
+            for mode in modes:
+                runs = timed[row["route"], mode]
+                key = "compiled" if mode else "eager"
+                row[key] = None if not runs else 1 / min(runs)
+                row[f"{key}_median"] = None if not runs else 1 / statistics.median(runs)
+                row[f"{key}_compile_s"] = compile_s[row["route"], mode] if mode else None
+            print(f"bench_quantize: {row}", flush=True)
+        del models, timed
+        torch.compiler.reset()
+        gc.collect()
+    where = (
+        f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+        if device.type == "cuda"
+        else f"CPU ({_cpu_name()}), {threads} thread(s) of {os.cpu_count()} cores, load average "
+        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at the end (other work shared the cores)"
+    )
+    setup = (
+        f"{time.strftime('%Y-%m-%d')}, {where}; torch {torch.__version__}; {new_tokens} new "
+        f"tokens after a 102-token prompt, best of {repeats} interleaved rounds (median in "
+        f"brackets); {(time.monotonic() - started) / 60:.0f} min"
+    )
+    return dict(setup=setup, device=device.type, rows=_with_ratios(rows))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _with_ratios(rows) -> list:
+    """Adds to each ``ours`` row its ratios to the best library route of its precision (per
+    mode: the faster of ``library`` and ``torchao``), and whether the kernel stays."""
+    for row in rows:
+        if row["route"] != "ours":
+            continue
+        libs = [r for r in rows if r["precision"] == row["precision"] and r["route"] != "ours"]
+        best = {"ours": max(filter(None, (row.get("eager"), row.get("compiled"))), default=0)}
+        for key in ("eager", "compiled"):
+            lib = max((r[key] for r in libs if r.get(key)), default=None)
+            if row.get(key) and lib:
+                row[f"ratio_{key}"] = row[key] / lib
+            best[key] = lib or 0
+        lib_best = max(best["eager"], best["compiled"])
+        row["ratio_best"] = best["ours"] / lib_best if lib_best else None
+        row["kept"] = row["ratio_best"] is not None and row["ratio_best"] >= KEEP_RATIO
     return rows
 
 
-def markdown(rows) -> str:
-    """The section for bench/RESULTS.md: a table per precision, then the notes."""
-    head = rows[0]["setup"]
-    cuda = rows[0]["device"] == "cuda"
+def _tps(row, key) -> str:
+    if row.get(key) is None:
+        return "-"
+    return f"{row[key]:.1f} ({row[f'{key}_median']:.1f})"
+
+
+def markdown(result) -> str:
+    """The section for bench/RESULTS.md: one row per precision and route."""
+    cuda = result["device"] == "cuda"
     lines = [
         GPU_SECTION if cuda else SECTION,
         "",
-        f"Written by `python bench/bench_quantize.py {'--device cuda ' if cuda else ''}--write`. "
-        f"{head}.",
+        f"Written by `python bench/bench_quantize.py {'--device cuda ' if cuda else ''}--write`"
+        f": {result['setup']}. Ours: our kernels in the fused layers; library: the route "
+        "without them (torchtune's layers; bf16 and int8 `F.linear` in bf16, int4 torchao "
+        "`Int4CPULayout`, w8a8/w4a8 the same integer arithmetic in PyTorch; torchao: its "
+        "`Int8WeightOnlyConfig`). Tokens/s of decode steps; ratio = ours / the faster library "
+        "route of the precision (eager, compiled; best: the faster mode of each); quality "
+        "against fp32 (eager); random weights, so int4's and w4a8's quality says little.",
         "",
-        "| route | tokens/s | vs HF bf16 | notes |",
-        "|---|---|---|---|",
+        "| precision | route | eager tokens/s | compiled tokens/s | ours / library (eager, "
+        "compiled, best) | GB per token | max abs logit diff | mean KL | top-1 | greedy "
+        "agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        tps = r["ours"] if r["ours"] is not None else r["peer"]
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
-        note = r["notes"][len(head) + 2 :] if r["notes"].startswith(head) else r["notes"]
-        lines.append(f"| {r['benchmark'].split(': ', 1)[1]} | {tps:.2f} | {ratio} | {note} |")
+    for r in result["rows"]:
+        ratio = ""
+        if r["route"] == "ours":
+            parts = [r.get(f"ratio_{k}") for k in ("eager", "compiled", "best")]
+            ratio = ", ".join("-" if p is None else f"{p:.2f}x" for p in parts)
+            ratio += " (kept)" if r.get("kept") else " (below 1.3x)"
+        lines.append(
+            f"| {r['precision']} | {r['route']} | {_tps(r, 'eager')} | {_tps(r, 'compiled')} | "
+            f"{ratio} | {r['bytes'] / 1e9:.3f} | {r['max_logit_diff']:.3g} | "
+            f"{r['mean_kl']:.2e} | {100 * r['top1']:.0f}% | {100 * r['greedy_agree']:.0f}% |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -413,37 +349,23 @@ def write_section(text: str, path: Path = HERE / "RESULTS.md") -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--write", action="store_true", help="write its section of RESULTS.md")
-    parser.add_argument("--new-tokens", type=int, help="timed tokens per call (default 48)")
-    parser.add_argument("--repeats", type=int, help="timed calls per route (default 3)")
-    parser.add_argument("--greedy-tokens", type=int, help="greedy agreement length (default 128)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="timed tokens per call")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds")
+    parser.add_argument("--greedy-tokens", type=int, default=32, help="greedy agreement length")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--layers", type=int, help="of the 16 layers, build only this many (smoke)")
-    parser.add_argument(
-        "--compile", nargs="*", default=None, metavar="MODE",
-        help="also time compiled decoding in these torch.compile modes ('default', "
-        "'reduce-overhead'; none: eager only); default: reduce-overhead on cuda, default on cpu",
-    )  # fmt: skip
-    parser.add_argument(
-        "--budget-s", type=float, default=float("inf"), help="skip compiled runs after"
-    )
+    parser.add_argument("--eager-only", action="store_true", help="no compiled runs")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--precisions", nargs="+", default=PRECISIONS, choices=PRECISIONS)
     args = parser.parse_args()
-    modes = args.compile
-    if modes is None:
-        modes = ["reduce-overhead"] if args.device.startswith("cuda") else ["default"]
-    modes = [None if m == "default" else m for m in modes]
-    rows = run(
-        args.quick, args.new_tokens, args.repeats, args.greedy_tokens, args.device, args.layers,
-        modes, args.budget_s, args.precisions,
+    result = run(
+        args.new_tokens, args.repeats, args.greedy_tokens, args.device, args.layers,
+        not args.eager_only, args.precisions,
     )  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    for row in rows:
-        print(row)
-    text = markdown(rows)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    text = markdown(result)
     print(text)
     if args.write:
         write_section(text)

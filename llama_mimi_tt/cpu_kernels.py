@@ -2,15 +2,21 @@
 
 Batch-1 decoding is one matrix-vector product per linear layer, so its speed is the rate at
 which the weights stream from memory. PyTorch's CPU kernels read them at 10-20 GB/s on a
-2-core AVX-512 machine where a plain read reaches 25-30 GB/s; ours stream int4 and int8 weights
-through VNNI's ``vpdpbusd``, bf16 weights through ``vdpbf16ps`` and fp32 weights at the read
-rate (bench/RESULTS.md). ``decode_attention`` attends one query per sequence over a grouped-query KV
-cache without expanding its heads (fused_layers.py uses it). The C file is compiled on first
-use into ``$XDG_CACHE_HOME/llama_mimi_tt`` (keyed by its hash) and called through ctypes,
-wrapped as torch custom ops so that ``torch.compile`` keeps them in its graph.
-``available(kernel)`` is False where the CPU lacks the instructions, gcc is missing or the
-build fails; quantize then uses PyTorch's or torchao's. ``LLAMA_MIMI_NO_CPU_KERNELS=1`` turns
-them all off.
+2-core AVX-512 machine where a plain read reaches 25-30 GB/s; ours stream int8 weights with
+fp32 activations (AVX-512F; ``int8``), int4 and int8 weights with int8 activations (VNNI's
+``vpdpbusd``; ``w4a8``, ``w8a8``) and bf16 weights through ``vdpbf16ps`` (bench/RESULTS.md;
+``int4`` is torchao's, which ran faster than a weight-only int4 kernel of ours).
+``decode_attention`` attends one query per sequence over a grouped-query KV cache without
+expanding its heads (fused_layers.py uses it).
+
+The C file is compiled on first use, once per instruction set (``LIBRARIES``: each function
+carries its own target attribute, no global ``-mavx512*`` flag), into
+``$XDG_CACHE_HOME/llama_mimi_tt`` (``~/.cache/llama_mimi_tt``; keyed by the source's hash),
+and called through ctypes, wrapped as torch custom ops so that ``torch.compile`` keeps them in
+its graph. ``available(kernel)`` is False where the CPU lacks that kernel's instructions, gcc
+is missing or its library fails to build (each said once per process, in one logged line);
+quantize then uses PyTorch's or torchao's code. ``LLAMA_MIMI_CPU_KERNELS=0`` turns them all off
+(read at each call).
 """
 
 import ctypes
@@ -31,25 +37,29 @@ from llama_mimi_tt.errors import UserError
 
 GROUP_SIZE = 128  # columns per int4 scale and zero, and per int8 activation scale
 SOURCE = Path(__file__).with_name("kernels") / "cpu_matmul.c"
+SWITCH = "LLAMA_MIMI_CPU_KERNELS"  # 0: our kernels off, PyTorch's and torchao's code instead
 log = get_logger("INFO")
 
-CPU_FLAGS = {  # what each kernel needs from /proc/cpuinfo
-    "int4": ("avx512f", "avx512bw", "avx512_vnni"),
-    "int8": ("avx512f", "avx512bw", "avx512_vnni"),
-    "bf16": ("avx512f", "avx512bw", "avx512_bf16"),
-    "fp32": ("avx512f",),
-    "attention": ("avx512f",),  # decode_attention, and the eager rms_norm and rope
+LIBRARIES = {  # one library per instruction set: (-D of its section, /proc/cpuinfo flags)
+    "avx512f": ("KERNELS_F", ("avx512f",)),
+    "vnni": ("KERNELS_VNNI", ("avx512f", "avx512bw", "avx512_vnni")),
+    "bf16": ("KERNELS_BF16", ("avx512f", "avx512bw", "avx512_bf16")),
 }
-GCC_FLAGS = [
-    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx512bf16", "-fopenmp", "-shared",
-    "-fPIC",
-]  # fmt: skip
+KERNELS = {  # kernel: (its library, its C functions)
+    "int8": ("avx512f", ("int8_matmul",)),
+    "attention": ("avx512f", ("decode_attention", "rms_norm", "rope")),  # fused_layers.py
+    "w4a8": ("vnni", ("w4a8_matmul",)),
+    "w8a8": ("vnni", ("w8a8_matmul",)),
+    "bf16": ("bf16", ("bf16_matmul",)),
+}
+CPU_FLAGS = {kernel: LIBRARIES[library][1] for kernel, (library, _) in KERNELS.items()}
+GCC_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the instruction sets: target attributes
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {  # (pointers and ints of each C function, in order)
-    "int4_matmul": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
-    "int8_matmul": [_P, _I, _I, _P, _P, _I, _P, _I],
+    "int8_matmul": [_P, _I, _I, _P, _I, _P, _I],
+    "w4a8_matmul": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
+    "w8a8_matmul": [_P, _I, _I, _P, _P, _I, _P, _I],
     "bf16_matmul": [_P, _I, _I, _P, _I, _P, _I],
-    "fp32_matmul": [_P, _I, _I, _P, _I, _P, _I],
     "rms_norm": [_P, _I, _I, _P, ctypes.c_float, _P],
     "rope": [_P, _I, _I, _I, _I, ctypes.c_long, ctypes.c_long, _P, _I, _P, _P],
     "decode_attention": [_P, _I, _I, _I, _I, _P, _P, _I, _P, ctypes.c_float, _P, _I],
@@ -71,50 +81,88 @@ def _cache_dir() -> Path:
     return Path(root) / "llama_mimi_tt"
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> Optional[ctypes.CDLL]:
-    """The built kernels, or None where none can run here (no AVX-512, no gcc, build failed)."""
-    if (
-        os.environ.get("LLAMA_MIMI_NO_CPU_KERNELS")
-        or not any(available_on_cpu(kernel) for kernel in CPU_FLAGS)
-        or not shutil.which("gcc")
-    ):
-        return None
+def enabled() -> bool:
+    """Whether our kernels may run: not when ``LLAMA_MIMI_CPU_KERNELS=0``. Read at each call,
+    so that the switch takes effect for the next model quantized."""
+    if os.environ.get("LLAMA_MIMI_NO_CPU_KERNELS"):  # the old name of the switch
+        _say_once("LLAMA_MIMI_NO_CPU_KERNELS is no longer read: set LLAMA_MIMI_CPU_KERNELS=0")
+    return os.environ.get(SWITCH, "1").strip() != "0"
+
+
+_SAID: set = set()
+
+
+def _say_once(message: str) -> None:
+    """Logs ``message`` the first time only (a fallback is said once per process)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning(message)
+
+
+@functools.cache
+def _library(library: str) -> Optional[ctypes.CDLL]:
+    """The built ``library`` (a key of LIBRARIES), or None (said once) where it cannot be built
+    or loaded."""
     source = SOURCE.read_bytes()
-    lib = _cache_dir() / f"cpu_matmul-{hashlib.sha1(source).hexdigest()[:12]}.so"
-    try:
-        if not lib.is_file():
-            _build(lib)
-        so = ctypes.CDLL(str(lib))
-    except (OSError, UserError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", None) or str(e)
-        log.warning(
-            f"the CPU kernels could not be built ({detail.strip()[:300]}); quantize uses "
-            "PyTorch's and torchao's"
+    lib = _cache_dir() / f"cpu_kernels-{library}-{hashlib.sha1(source).hexdigest()[:12]}.so"
+    if not lib.is_file() and not shutil.which("gcc"):
+        _say_once(
+            f"our CPU kernels are off: gcc is not installed (they are compiled on first use, "
+            f"into {lib.parent}); PyTorch's and torchao's code runs instead"
         )
         return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(so, name)
-        fn.restype, fn.argtypes = ctypes.c_int, argtypes
+    try:
+        if not lib.is_file():
+            _build(lib, LIBRARIES[library][0])
+        so = ctypes.CDLL(str(lib))
+    except (OSError, UserError, subprocess.CalledProcessError) as e:
+        detail = " ".join((getattr(e, "stderr", None) or str(e)).split())
+        kernels = ", ".join(k for k, (name, _) in KERNELS.items() if name == library)
+        _say_once(
+            f"our {library} CPU kernels ({kernels}) are off: building {lib} failed "
+            f"({detail[:300]}); PyTorch's and torchao's code runs instead"
+        )
+        return None
+    for _, functions in (v for v in KERNELS.values() if v[0] == library):
+        for name in functions:
+            fn = getattr(so, name)
+            fn.restype, fn.argtypes = ctypes.c_int, _SIGNATURES[name]
     return so
 
 
-def _build(lib: Path) -> None:
+def _build(lib: Path, section: str) -> None:
     lib.parent.mkdir(parents=True, exist_ok=True)
     with replacing(lib) as built:  # a second process never loads a half-written file
-        cmd = ["gcc", *GCC_FLAGS, "-o", str(built), str(SOURCE)]
+        cmd = ["gcc", *GCC_FLAGS, f"-D{section}", "-o", str(built), str(SOURCE)]
         subprocess.run(cmd, capture_output=True, text=True, check=True)
 
 
 def available_on_cpu(kernel: str) -> bool:
-    """Whether this CPU has the instructions that ``kernel`` needs (int4, int8, bf16, fp32,
-    attention)."""
+    """Whether this CPU has the instructions that ``kernel`` needs (a key of CPU_FLAGS)."""
     return all(flag in _cpu_flags() for flag in CPU_FLAGS[kernel])
 
 
-def available(kernel: str = "int4") -> bool:
-    """Whether ``kernel`` (int4, int8, bf16, fp32 or attention) runs on this machine."""
-    return available_on_cpu(kernel) and _library() is not None
+def available(kernel: str) -> bool:
+    """Whether ``kernel`` (a key of KERNELS) runs here: the switch is on, the CPU has its
+    instructions and its library is built. Why not is logged once."""
+    if not enabled():
+        return False
+    missing = [flag for flag in CPU_FLAGS[kernel] if flag not in _cpu_flags()]
+    if missing:
+        _say_once(
+            f"our {kernel} CPU kernel is off: this CPU lacks {', '.join(missing)}; PyTorch's "
+            "or torchao's code runs instead"
+        )
+        return False
+    return _library(KERNELS[kernel][0]) is not None
+
+
+def _functions(kernel: str) -> ctypes.CDLL:
+    """The library holding ``kernel``'s C functions (an error where it cannot run here)."""
+    so = _library(KERNELS[kernel][0]) if available_on_cpu(kernel) else None
+    if so is None:
+        raise RuntimeError(f"our {kernel} CPU kernel is not available on this machine")
+    return so
 
 
 def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
@@ -179,9 +227,7 @@ def _run(name: str, x: torch.Tensor, weight: torch.Tensor, columns: int, *extra)
         )
     if x.dim() != 2 or x.shape[1] != columns or columns % GROUP_SIZE:
         raise ValueError(f"x has shape {tuple(x.shape)}; the {kind} weight has {columns} columns")
-    so = _library()
-    if so is None:
-        raise RuntimeError("the CPU kernels are not available on this machine")
+    so = _functions(kind)
     n = weight.shape[0]
     y = x.new_empty(x.shape[0], n)
     tensors = [weight.contiguous(), *(t.float().contiguous() for t in extra)]
@@ -219,19 +265,26 @@ def _op(fake):
 
 
 @_op(_matmul_fake)
-def int4_matmul(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
-) -> torch.Tensor:
-    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for ``pack_int4``'s weight; x is quantized to
-    int8 per group of 128."""
-    return _run("int4_matmul", x, packed, 2 * packed.shape[1], scales, zeros)
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ q.T`` as float32 ``[M, N]`` for ``pack_int8``'s int8 weight ``q``, without
+    its scales (the caller applies them); x stays fp32, products summed in fp32."""
+    return _run("int8_matmul", x, weight, weight.shape[1])
 
 
 @_op(_matmul_fake)
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def w4a8_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for ``pack_int4``'s weight; x is quantized to
+    int8 per group of 128 (quantize.quantize_activations) and the products summed as integers."""
+    return _run("w4a8_matmul", x, packed, 2 * packed.shape[1], scales, zeros)
+
+
+@_op(_matmul_fake)
+def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x [M, K] @ w.T`` as float32 ``[M, N]`` for ``pack_int8``'s weight; x is quantized to
-    int8 per group of 128."""
-    return _run("int8_matmul", x, weight, weight.shape[1], scales)
+    int8 per group of 128 (quantize.quantize_activations) and the products summed as integers."""
+    return _run("w8a8_matmul", x, weight, weight.shape[1], scales)
 
 
 @_op(_matmul_fake)
@@ -241,14 +294,6 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype != torch.bfloat16:
         raise ValueError(f"bf16_matmul needs a bf16 weight, not {weight.dtype}")
     return _run("bf16_matmul", x, weight, weight.shape[1])
-
-
-@_op(_matmul_fake)
-def fp32_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ w.T`` as float32 ``[M, N]`` for a float32 weight ``[N, K]``."""
-    if weight.dtype != torch.float32:
-        raise ValueError(f"fp32_matmul needs a float32 weight, not {weight.dtype}")
-    return _run("fp32_matmul", x, weight, weight.shape[1])
 
 
 @_op(lambda q, k, v, valid, scale: torch.empty_like(q))
@@ -272,9 +317,7 @@ def decode_attention(
         raise ValueError(
             f"valid must be bool {(b, k.shape[2])}, not {valid.dtype} {tuple(valid.shape)}"
         )
-    so = _library()
-    if so is None:
-        raise RuntimeError("the CPU kernels are not available on this machine")
+    so = _functions("attention")
     q, k, v, valid = (t.contiguous() for t in (q, k, v, valid))
     out = torch.empty_like(q)
     status = so.decode_attention(
@@ -295,9 +338,9 @@ def decode_attention(
 # fuses this work itself): one C call each instead of 5-15 PyTorch ops of a few µs.
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """torchtune's ``RMSNorm`` of fp32 ``x [..., n]`` with fp32 ``weight [n]``."""
-    so = _library()
-    if so is None or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        raise ValueError("rms_norm takes float32 CPU tensors, with the kernels built")
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise ValueError("rms_norm takes float32 CPU tensors")
+    so = _functions("attention")
     x = x.contiguous()
     y = torch.empty_like(x)
     n = x.shape[-1]
@@ -313,9 +356,9 @@ def rope(x: torch.Tensor, cache: torch.Tensor, input_pos: torch.Tensor) -> torch
     ``(2i, 2i + 1)`` rotated by ``cache [positions, d / 2, 2]`` = (cos, sin)) of fp32
     ``x [b, s, heads, d]`` (heads contiguous) at ``input_pos [b, s]``, as a new tensor."""
     b, s, heads, d = x.shape
-    so = _library()
-    if so is None or x.dtype != torch.float32 or cache.dtype != torch.float32:
-        raise ValueError("rope takes float32 CPU tensors, with the kernels built")
+    if x.dtype != torch.float32 or cache.dtype != torch.float32:
+        raise ValueError("rope takes float32 CPU tensors")
+    so = _functions("attention")
     if x.stride(3) != 1 or x.stride(2) != d:
         x = x.contiguous()
     pos = input_pos.to(torch.int64).expand(b, s).contiguous()

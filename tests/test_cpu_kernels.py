@@ -1,5 +1,6 @@
-"""Our CPU kernels (int4, int8, bf16 matmuls; the decode attention): the packings round-trip,
-each matmul equals the dequantized weight's within its activation rounding, the attention equals
+"""Our CPU kernels (int8, w4a8, w8a8, bf16 matmuls; the decode attention): the packings
+round-trip, each matmul equals the dequantized weight's within its activation rounding, the
+int8-activation ones equal the same arithmetic in PyTorch, the attention equals
 PyTorch's SDPA over the expanded heads, threads change nothing, bad shapes are clear errors,
 torch.compile keeps them in one graph, and weights land in huge pages."""
 
@@ -15,7 +16,7 @@ needs = {
     kind: pytest.mark.skipif(
         not cpu_kernels.available(kind), reason=f"this CPU or machine cannot run the {kind} kernel"
     )
-    for kind in cpu_kernels.CPU_FLAGS
+    for kind in cpu_kernels.KERNELS
 }
 
 
@@ -26,14 +27,15 @@ def weight(n=48, k=256, seed=0):
 
 def packed(kind, w):
     """``(call, dequantized weight)`` of ``w`` in the kernel ``kind``'s format."""
-    if kind == "int4":
+    if kind == "w4a8":
         p = cpu_kernels.pack_int4(w)
-        return (lambda x: cpu_kernels.int4_matmul(x, *p)), cpu_kernels.unpack_int4(*p)
-    if kind == "int8":
+        return (lambda x: cpu_kernels.w4a8_matmul(x, *p)), cpu_kernels.unpack_int4(*p)
+    if kind == "int8":  # the sums without the scales
         q, scales = cpu_kernels.pack_int8(w)
-        return (lambda x: cpu_kernels.int8_matmul(x, q, scales)), q.float() * scales[:, None]
-    if kind == "fp32":
-        return (lambda x: cpu_kernels.fp32_matmul(x, w)), w
+        return (lambda x: cpu_kernels.int8_matmul(x, q) * scales), q.float() * scales[:, None]
+    if kind == "w8a8":
+        q, scales = cpu_kernels.pack_int8(w)
+        return (lambda x: cpu_kernels.w8a8_matmul(x, q, scales)), q.float() * scales[:, None]
     b = w.to(torch.bfloat16)
     return (lambda x: cpu_kernels.bf16_matmul(x, b)), b.float()
 
@@ -59,12 +61,14 @@ def test_int8_packing_round_trips_within_half_a_step():
     assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
 
 
-# relative error against the dequantized weight: int8 activations per group of 128 (int4,
-# int8; about 0.6% measured) or bf16 activations (bf16; about 0.3%)
-TOLERANCE = {"int4": 0.02, "int8": 0.02, "bf16": 0.01, "fp32": 1e-6}
+# relative error against the dequantized weight: none but the order of fp32 sums (int8), int8
+# activations per group of 128 (w4a8, w8a8; about 0.6% measured) or bf16 activations (bf16;
+# about 0.3%)
+TOLERANCE = {"int8": 1e-6, "w4a8": 0.02, "w8a8": 0.02, "bf16": 0.01}
+KINDS = list(TOLERANCE)
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8", "bf16", "fp32"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m", [1, 3])
 def test_matmul_equals_the_dequantized_weight(kind, m):
     if not cpu_kernels.available(kind):
@@ -80,7 +84,7 @@ def test_matmul_equals_the_dequantized_weight(kind, m):
         assert rel < TOLERANCE[kind], float(rel)
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8", "bf16", "fp32"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_threads_do_not_change_the_result(kind):
     if not cpu_kernels.available(kind):
         pytest.skip(f"this CPU or machine cannot run the {kind} kernel")
@@ -97,14 +101,32 @@ def test_threads_do_not_change_the_result(kind):
     assert torch.equal(one, two)
 
 
-@needs["int4"]
+@pytest.mark.parametrize("kind", ["w4a8", "w8a8"])
+def test_int8_activation_kernels_equal_their_pytorch_arithmetic(kind):
+    """The kernels and quantize's PyTorch route quantize the activations alike and sum the same
+    integer products: they differ only in the order of the fp32 sums of scaled terms."""
+    from llama_mimi_tt.quantize import W4A8Linear, W8A8Linear
+
+    if not cpu_kernels.available(kind):
+        pytest.skip(f"this CPU or machine cannot run the {kind} kernel")
+    layer = {"w4a8": W4A8Linear, "w8a8": W8A8Linear}[kind](weight(n=64, k=512, seed=7))
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(8))
+    x[1, 128:256] = 0.0  # an all-zero group
+    x[2, :128] *= 100.0  # a group with a large scale beside small ones
+    ours = layer(x)
+    layer.cpu_kernel = False
+    torch.testing.assert_close(ours, layer(x), rtol=1e-5, atol=1e-5)
+
+
+@needs["w4a8"]
+@needs["bf16"]
 def test_a_bad_shape_is_refused():
     p = cpu_kernels.pack_int4(weight())
-    with pytest.raises(ValueError, match=r"x has shape \(1, 200\); the int4 weight has 256"):
-        cpu_kernels.int4_matmul(torch.randn(1, 200), *p)
+    with pytest.raises(ValueError, match=r"x has shape \(1, 200\); the w4a8 weight has 256"):
+        cpu_kernels.w4a8_matmul(torch.randn(1, 200), *p)
     q, scales = cpu_kernels.pack_int8(weight(k=200 + 56))
     with pytest.raises(ValueError, match=r"x has shape \(1, 128\); the int8 weight has 256"):
-        cpu_kernels.int8_matmul(torch.randn(1, 128), q, scales)
+        cpu_kernels.int8_matmul(torch.randn(1, 128), q)
     with pytest.raises(ValueError, match="needs a bf16 weight, not torch.float32"):
         cpu_kernels.bf16_matmul(torch.randn(1, 256), weight())
     # a weight moved off the CPU after quantizing (the op itself would take the meta path)
@@ -112,13 +134,16 @@ def test_a_bad_shape_is_refused():
         cpu_kernels._run("int8_matmul", torch.randn(1, 256), q.to("meta"), 256, scales)
 
 
-@needs["int8"]
+@needs["w8a8"]
 @needs["bf16"]
 def test_compiled_layers_keep_the_kernels_in_one_graph():
-    from llama_mimi_tt.quantize import Bf16Linear, Int4Linear, Int8Linear
+    from llama_mimi_tt.quantize import Bf16Linear, Int8Linear, W4A8Linear, W8A8Linear
 
     w = weight(n=256, k=256)
-    layers = torch.nn.Sequential(Int4Linear(w), Int8Linear(w), Bf16Linear.of(w)).eval()
+    layers = torch.nn.Sequential(
+        Int8Linear(w), W4A8Linear(w), W8A8Linear(w), Bf16Linear.of(w)
+    ).eval()
+    assert all(layer.cpu_kernel for layer in layers)
     x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         eager = layers(x)
@@ -226,8 +251,16 @@ def test_huge_page_copies_hold_the_same_values():
         assert h.data_ptr() % mmap.PAGESIZE == 0  # its own anonymous mapping
 
 
-@needs["int4"]
-def test_an_unusable_cache_folder_falls_back_to_torchao(tmp_path, monkeypatch):
+def test_the_switch_turns_every_kernel_off_at_the_next_call(monkeypatch):
+    on = {kind: cpu_kernels.available(kind) for kind in cpu_kernels.KERNELS}
+    monkeypatch.setenv("LLAMA_MIMI_CPU_KERNELS", "0")
+    assert not any(cpu_kernels.available(kind) for kind in cpu_kernels.KERNELS)
+    monkeypatch.setenv("LLAMA_MIMI_CPU_KERNELS", "1")
+    assert {kind: cpu_kernels.available(kind) for kind in cpu_kernels.KERNELS} == on
+
+
+@needs["int8"]
+def test_an_unusable_cache_folder_falls_back_with_one_logged_line(tmp_path, monkeypatch, caplog):
     from llama_mimi_tt.quantize import parse_quantize
 
     blocker = tmp_path / "a_file"
@@ -235,16 +268,58 @@ def test_an_unusable_cache_folder_falls_back_to_torchao(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the kernels cannot be built under it
     cpu_kernels._library.cache_clear()
     try:
-        assert not cpu_kernels.available("int4")
-        for precision in ("bf16", "int8", "int4"):
-            assert not parse_quantize(precision).uses_cpu_kernel(torch.device("cpu"))
-        # a fresh cache folder: built under a temporary name and renamed, nothing else left
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh"))
-        cpu_kernels._library.cache_clear()
-        assert cpu_kernels.available("int4")
-        built = list((tmp_path / "fresh" / "llama_mimi_tt").iterdir())
-        assert len(built) == 1 and built[0].name.startswith("cpu_matmul-"), built
+        with caplog.at_level("WARNING"):
+            assert not cpu_kernels.available("int8")
+            for precision in ("bf16", "int8", "w8a8", "w4a8"):
+                assert not parse_quantize(precision).uses_cpu_kernel(torch.device("cpu"))
+            cpu_kernels._library.cache_clear()  # a second attempt fails the same way, unsaid
+            assert not cpu_kernels.available("int8")
     finally:
         monkeypatch.undo()
         cpu_kernels._library.cache_clear()
-    assert cpu_kernels.available("int4")
+    said = [r.getMessage() for r in caplog.records if str(blocker) in r.getMessage()]
+    assert len(said) == 3, said  # one line for each library: avx512f, vnni, bf16
+    assert said[0].startswith("our avx512f CPU kernels (int8, attention) are off: building")
+    assert cpu_kernels.available("int8")
+    # a fresh cache folder: built under a temporary name and renamed, nothing else left there
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh"))
+    cpu_kernels._library.cache_clear()
+    try:
+        assert cpu_kernels.available("int8")
+        built = [p.name for p in (tmp_path / "fresh" / "llama_mimi_tt").iterdir()]
+        assert len(built) == 1 and built[0].startswith("cpu_kernels-avx512f-"), built
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._library.cache_clear()
+
+
+@needs["int8"]
+def test_without_gcc_the_kernels_fall_back_with_one_logged_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("PATH", str(tmp_path))  # and no gcc to build it
+    cpu_kernels._library.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert not any(cpu_kernels.available(kind) for kind in cpu_kernels.KERNELS)
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._library.cache_clear()
+    said = [r.getMessage() for r in caplog.records if "gcc is not installed" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path) in said[0], said
+    assert cpu_kernels.available("int8")
+
+
+def test_each_library_is_built_for_its_own_instructions_only():
+    """No global -mavx512 flag: a library holds only the functions of its instruction set, so a
+    CPU or a gcc without VNNI or BF16 keeps the others; each kernel is in exactly one."""
+    assert not [flag for flag in cpu_kernels.GCC_FLAGS if flag.startswith("-m")]
+    source = cpu_kernels.SOURCE.read_text()
+    assert "-mavx512" not in source
+    functions = [f for _, fs in cpu_kernels.KERNELS.values() for f in fs]
+    assert len(functions) == len(set(functions))
+    for library in cpu_kernels.LIBRARIES:
+        so = cpu_kernels._library(library)
+        if so is None or not set(cpu_kernels.LIBRARIES[library][1]) <= cpu_kernels._cpu_flags():
+            continue
+        for kernel, (home, names) in cpu_kernels.KERNELS.items():
+            assert all(hasattr(so, name) == (home == library) for name in names), kernel

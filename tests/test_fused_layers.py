@@ -1,6 +1,8 @@
 """fused_layers: the decoder with q/k/v and gate/up fused and our decode attention computes what
 torchtune's layers compute (logits of a whole sequence, left-padded batched decoding, compiled
-decoding), takes the decode attention at every one-token step, and leaves other layers alone."""
+decoding), takes the decode attention at every one-token step, and leaves other layers alone.
+Each runs with our kernels on (skipped on a CPU without AVX-512) and off
+(LLAMA_MIMI_CPU_KERNELS=0: the fused layers' PyTorch route, which runs everywhere)."""
 
 import copy
 
@@ -17,10 +19,6 @@ Q = 4
 VOCAB = MimiVocab(text_vocab_size=512, num_quantizers=Q)
 GREEDY = SamplingParams(temperature=0.0, top_k=None)
 
-pytestmark = pytest.mark.skipif(
-    not cpu_kernels.available("attention"), reason="this CPU cannot run the decode attention"
-)
-
 
 def prompt(frames: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -28,18 +26,25 @@ def prompt(frames: int, seed: int) -> torch.Tensor:
     return torch.cat([torch.tensor([256, VOCAB.audio_start_id]), VOCAB.encode(codes)])
 
 
-@pytest.fixture(scope="module")
-def models():
+@pytest.fixture(scope="module", params=["kernels on", "kernels off"])
+def models(request):
     """``(torchtune's, fused)``: the tiny model (4 layers, 4 query and 2 key/value heads) with
-    N(0, 0.1) weights, so that its greedy continuations are not a constant."""
-    torch.manual_seed(0)
-    plain = llama_mimi_tiny(num_quantizers=Q).eval()
-    with torch.no_grad():
-        for p in plain.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.1)
-    fused = copy.deepcopy(plain)
-    assert fuse_layers(fused) == 8  # the attention and the feed-forward of each of 4 layers
+    N(0, 0.1) weights, so that its greedy continuations are not a constant; the fused layers
+    built with our kernels on or off (they decide when built)."""
+    on = request.param == "kernels on"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAMA_MIMI_CPU_KERNELS", "1" if on else "0")
+        if on and not cpu_kernels.available("attention"):
+            pytest.skip("this CPU cannot run the decode attention")
+        torch.manual_seed(0)
+        plain = llama_mimi_tiny(num_quantizers=Q).eval()
+        with torch.no_grad():
+            for p in plain.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.1)
+        fused = copy.deepcopy(plain)
+        assert fuse_layers(fused) == 8  # the attention and the feed-forward of each of 4 layers
+    assert fused.layers[0].attn.cpu_kernels == on and fused.norm.cpu_kernels == on
     return plain, fused
 
 
@@ -76,7 +81,8 @@ def test_batched_decoding_equals_torchtunes(models, monkeypatch):
     ref = generate(plain, prompts, VOCAB, 6, **kw)
     assert all(torch.equal(a, b) for a, b in zip(ours.ids, ref.ids))
     assert len(set(ours.ids[1][-24:].tolist())) > 4  # a real continuation, not a constant
-    assert len(calls) == 4 * (24 - 1)  # every layer of every step after the prompt's
+    on = fused.layers[0].attn.cpu_kernels  # every layer of every step after the prompt's:
+    assert len(calls) == (4 * (24 - 1) if on else 0)
     # a sampled continuation too: the same Gumbel draws on logits equal to about 1e-6
     kw = dict(semantic=SamplingParams(1.0, 50), acoustic=SamplingParams(1.0, 50), seed=[7, 8])
     a = generate(fused, prompts, VOCAB, 6, stop_at_end=False, **kw)

@@ -37,9 +37,6 @@ LIBRARY_PRIVATE_ALLOWED = {
     "_component_": "torchtune config syntax",
     # torch's documented memory-snapshot recorder (docs: "Understanding CUDA Memory Usage")
     "_record_memory_history": "documented in torch's CUDA memory guide",
-    # a private aten op (quantize.py, CPU int8 path); its replacement is the CPU-kernel half of
-    # issue 26, which owns quantize.py
-    "_weight_int8pack_mm": "private aten op, to be replaced (issue 26, CPU kernels)",
 }
 
 
