@@ -9,11 +9,12 @@ fp32 weights twice:
 - ours (``LLAMA_MIMI_CPU_KERNELS=1``): our kernels (cpu_kernels.py) in the fused layers
   (fused_layers.py), where this CPU has them;
 - library (``LLAMA_MIMI_CPU_KERNELS=0``, what a machine without them runs): torchtune's layers
-  and bf16: PyTorch's ``F.linear`` in bf16; int8: ``F.linear`` in bf16 on the int8 weight cast
-  to bf16, then the scales (dequantize then linear); int4: torchao's
-  ``Int4WeightOnlyConfig(layout=Int4CPULayout())`` over aten's int4 CPU matmul; w8a8 and w4a8:
-  the same integer arithmetic in plain PyTorch (no PyPI library has int8 activations per 128
-  columns on a CPU); and for int8 also torchao's ``Int8WeightOnlyConfig`` ("torchao").
+  and bf16: PyTorch's ``F.linear`` in bf16; int8: a bf16 matmul on the int8 weight cast to
+  bf16 times bf16 scales (which inductor compiles to PyTorch's int8 weight-only matmul); int4:
+  torchao's ``Int4WeightOnlyConfig(layout=Int4CPULayout())`` over aten's int4 CPU matmul (the
+  only route: our int4 kernel was deleted); w8a8 and w4a8: the same integer arithmetic in plain
+  PyTorch (no PyPI library has int8 activations per 128 columns on a CPU); and for int8 also
+  torchao's ``Int8WeightOnlyConfig`` ("torchao").
   ``none`` is the fp32 model on PyTorch's code, on every machine (one route).
 
 Each route runs eager and compiled (``torch.compile``, inductor's default mode). The timed calls
@@ -309,9 +310,9 @@ def markdown(result) -> str:
         "",
         f"Written by `python bench/bench_quantize.py {'--device cuda ' if cuda else ''}--write`"
         f": {result['setup']}. Ours: our kernels in the fused layers; library: the route "
-        "without them (torchtune's layers; bf16 and int8 `F.linear` in bf16, int4 torchao "
-        "`Int4CPULayout`, w8a8/w4a8 the same integer arithmetic in PyTorch; torchao: its "
-        "`Int8WeightOnlyConfig`). Tokens/s of decode steps; ratio = ours / the faster library "
+        "without them (torchtune's layers; bf16 `F.linear` in bf16, int8 a bf16 matmul on the "
+        "int8 weight then bf16 scales, int4 torchao `Int4CPULayout` on every machine, w8a8/w4a8 "
+        "the same integer arithmetic in PyTorch; torchao: its `Int8WeightOnlyConfig`). Tokens/s of decode steps; ratio = ours / the faster library "
         "route of the precision (eager, compiled; best: the faster mode of each); quality "
         "against fp32 (eager); random weights, so int4's and w4a8's quality says little.",
         "",
