@@ -17,7 +17,6 @@ own collector). Live counts that stay flat while RSS grows mean the allocator ke
 import argparse
 import collections
 import gc
-import io
 import os
 import socket
 import sys
@@ -27,32 +26,19 @@ import tracemalloc
 from pathlib import Path
 
 import httpx
-import soundfile as sf
 import torch
 import uvicorn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_serve import CLIENTS, prompt_wav, rss_mb  # noqa: E402
 
 from llama_mimi_tt import MimiCodec, llama_mimi_tiny, llama_mimi_tokenizer  # noqa: E402
-from llama_mimi_tt.audio import synthetic_audio  # noqa: E402
 from llama_mimi_tt.serve import ContinuationBatcher, ServeLimits, create_app  # noqa: E402
 
-CLIENTS = 16
 SERVER_SIDE = ("llama_mimi_tt", "starlette", "fastapi", "uvicorn", "anyio", "h11", "torch")
-
-
-def prompt_wav(seconds: float, seed: int) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, synthetic_audio(seconds, seed=seed)[0].numpy(), 24000, format="WAV")
-    return buf.getvalue()
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def start_server():
@@ -111,7 +97,7 @@ def live_tensors():
 
 
 def measure(served: int) -> dict:
-    rss = rss_mb()
+    rss = rss_mb(os.getpid())
     snapshot = tracemalloc.take_snapshot()
     server_side = sum(
         s.size
